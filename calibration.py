@@ -1,0 +1,356 @@
+"""Make and check an operating point on labelled directories (the ``calibrate`` and ``evaluate`` commands).
+
+A labelled directory holds one sub-folder per class, named as the class. Both
+commands run the production pipeline (``ClassifierService``) once with TTA;
+view 0 of each file is the identity view, so the no-TTA figures come from the
+same pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import inference_runner as ir
+from report import UNKNOWN, AtomicWriter, utc_now
+
+logger = logging.getLogger("calibration")
+
+
+@dataclass
+class LabelledLogits:
+    """Per-file TTA view logits of a labelled directory (files that failed to load are left out)."""
+
+    paths: list[str]
+    view_logits: np.ndarray  # (N, V, K)
+    labels: np.ndarray  # (N,) class index
+    failed: list[tuple[str, str]]
+
+    def for_tta(self, tta: bool) -> np.ndarray:
+        return self.view_logits if tta else self.view_logits[:, :1]
+
+
+def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Path, int]]:
+    """(path, class index) for every supported file under ``directory/<class>/``."""
+    if not directory.is_dir():
+        raise FileNotFoundError(f"{directory}: labelled directory not found")
+    unknown_dirs = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name not in class_names)
+    if unknown_dirs:
+        logger.warning("%s: sub-folders %s are not classes of the model; ignored", directory, unknown_dirs)
+    files = [(path, index) for index, name in enumerate(class_names) for path in ir.scan_paths(directory / name)
+             if (directory / name).is_dir()]
+    if not files:
+        raise FileNotFoundError(f"{directory}: no images in sub-folders named {', '.join(class_names)}")
+    return files
+
+
+def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]], batch_size: int) -> LabelledLogits:
+    paths, logits, labels, failed = [], [], [], []
+    for (path, label), (_, _, view_logits, error) in zip(
+            files, service.iter_view_logits([p for p, _ in files], batch_size, tta=True)):
+        if view_logits is None:
+            failed.append((str(path), error or "unknown error"))
+            continue
+        paths.append(str(path))
+        logits.append(view_logits)
+        labels.append(label)
+    if failed:
+        logger.warning("%d labelled files could not be read and are left out", len(failed))
+    return LabelledLogits(paths, np.stack(logits), np.array(labels), failed)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def negative_log_likelihood(view_logits: np.ndarray, labels: np.ndarray, temperature: float) -> float:
+    probs = ir.calibrated_probs(view_logits, temperature)
+    return float(-np.mean(np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None))))
+
+
+def fit_temperature(view_logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature that minimises the NLL of the view-averaged calibrated probabilities."""
+    from scipy.optimize import minimize_scalar
+
+    result = minimize_scalar(lambda log_t: negative_log_likelihood(view_logits, labels, float(np.exp(log_t))),
+                             bounds=(np.log(0.05), np.log(20.0)), method="bounded")
+    return float(np.exp(result.x))
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    confidence = probs.max(axis=1)
+    correct = probs.argmax(axis=1) == labels
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
+    total = 0.0
+    for b in range(bins):
+        in_bin = which == b
+        if in_bin.any():
+            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
+    return float(total)
+
+
+def precision_threshold(scores: np.ndarray, correct: np.ndarray, target: float) -> float:
+    """Lowest threshold whose accepted set, and every stricter one, reaches ``target`` precision.
+
+    ``scores``/``correct`` are the top-1 scores and correctness of the files
+    predicted as one class. Requiring every stricter cut to hold too keeps a
+    lucky dip in a noisy tail from setting the threshold. Returns a value above
+    1 when no cut reaches the target (the class is then always abstained on).
+    """
+    if len(scores) == 0:
+        return 1.01
+    order = np.argsort(-scores, kind="stable")
+    ranked_scores, ranked_correct = scores[order], correct[order]
+    precision = np.cumsum(ranked_correct) / np.arange(1, len(scores) + 1)
+    # a cut must fall between distinct scores: only the last index of a run of ties is a valid cut
+    valid_cut = np.append(ranked_scores[1:] < ranked_scores[:-1], True)
+    ok_from_top = np.minimum.accumulate(np.where(valid_cut, precision, np.inf)) >= target
+    ok_cuts = np.nonzero(ok_from_top & valid_cut)[0]
+    if len(ok_cuts) == 0:
+        return 1.01
+    return float(ranked_scores[ok_cuts[-1]])
+
+
+def operating_point_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
+                            thresholds: dict[str, float]) -> dict[str, Any]:
+    """Per-class precision/recall/coverage/support and overall coverage, accuracy and risk at thresholds."""
+    predicted = probs.argmax(axis=1)
+    scores = probs.max(axis=1)
+    cut = np.array([thresholds[class_names[p]] for p in predicted])
+    accepted = scores >= cut
+    correct = predicted == labels
+    per_class = {}
+    for index, name in enumerate(class_names):
+        predicted_here = predicted == index
+        accepted_here = predicted_here & accepted
+        support = int((labels == index).sum())
+        per_class[name] = {
+            "threshold": thresholds[name],
+            "precision": _ratio((accepted_here & correct).sum(), accepted_here.sum()),
+            "recall": _ratio((accepted_here & correct).sum(), support),
+            "coverage": _ratio(accepted_here.sum(), predicted_here.sum()),
+            "support": support,
+            "accepted": int(accepted_here.sum()),
+        }
+    return {
+        "per_class": per_class,
+        "coverage": _ratio(accepted.sum(), len(labels)),
+        "selective_accuracy": _ratio((accepted & correct).sum(), accepted.sum()),
+        "selective_risk": None if not accepted.any() else 1.0 - float((accepted & correct).sum() / accepted.sum()),
+        "top1_accuracy": float(correct.mean()),
+        "n": len(labels),
+    }
+
+
+def _ratio(numerator: Any, denominator: Any) -> float | None:
+    return float(numerator) / float(denominator) if denominator else None
+
+
+def confusion_matrix(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str, float],
+                     class_names: Sequence[str]) -> list[list[int]]:
+    """Rows: true class; columns: predicted class, then ``unknown``."""
+    predicted = probs.argmax(axis=1)
+    scores = probs.max(axis=1)
+    columns = np.where(scores >= np.array([thresholds[class_names[p]] for p in predicted]), predicted,
+                       len(class_names))
+    matrix = np.zeros((len(class_names), len(class_names) + 1), dtype=int)
+    np.add.at(matrix, (labels, columns), 1)
+    return matrix.tolist()
+
+
+# --------------------------------------------------------------------------- calibrate
+
+
+def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: float,
+              target_precision: float) -> dict[str, Any]:
+    """The thresholds document (see README 'Operating point') for ``service``'s model and scaler."""
+    names = list(service.class_names)
+    points = {}
+    fitted = {}
+    for key, tta in (("tta", True), ("no_tta", False)):
+        logits = data.for_tta(tta)
+        fitted[key] = fit_temperature(logits, data.labels)
+        probs = ir.calibrated_probs(logits, temperature)
+        predicted, scores = probs.argmax(axis=1), probs.max(axis=1)
+        correct = predicted == data.labels
+        thresholds = {name: precision_threshold(scores[predicted == i], correct[predicted == i], target_precision)
+                      for i, name in enumerate(names)}
+        unreachable = [name for name, value in thresholds.items() if value > 1.0]
+        if unreachable:
+            logger.warning("%s: precision %.2f is not reachable for %s; they will always abstain", key,
+                           target_precision, unreachable)
+        points[key] = {"thresholds": thresholds,
+                       "validation": operating_point_metrics(probs, data.labels, names, thresholds)}
+    return {
+        "format_version": 1,
+        "class_names": names,
+        "temperature": temperature,
+        "fitted_temperature": fitted,
+        "target_precision": target_precision,
+        "operating_points": points,
+        "model_file": service.model_path.name,
+        "model_sha256": service.model_sha256,
+        "scaler_file": service.scaler_path.name,
+        "scaler_sha256": service.scaler_sha256,
+        "calibration_data": {"n_files": len(data.labels), "n_failed": len(data.failed),
+                             "per_class": {n: int((data.labels == i).sum()) for i, n in enumerate(names)}},
+        "created_at": utc_now(),
+        "tool_version": ir.__version__,
+    }
+
+
+def _class_names_for(args: argparse.Namespace) -> list[str]:
+    if args.class_names:
+        return [name.strip() for name in args.class_names.split(",") if name.strip()]
+    return list(ir.OperatingPoint.load(args.reference).class_names)
+
+
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    try:
+        names = _class_names_for(args)
+        service = ir._service_from_args(args, operating_point=ir.OperatingPoint.uncalibrated(names))
+        files = labelled_files(args.labelled_dir, names)
+    except (ir.ArtifactError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ir.EXIT_ARTIFACTS
+    if not 0 < args.target_precision < 1:
+        print(f"error: --target_precision must be in (0, 1), got {args.target_precision}", file=sys.stderr)
+        return ir.EXIT_USAGE
+    data = collect_logits(service, files, args.batch_size)
+    document = calibrate(service, data, args.temperature, args.target_precision)
+    with AtomicWriter(args.output.absolute()) as handle:
+        json.dump(document, handle, indent=2)
+    point = document["operating_points"]["tta"]
+    print(f"wrote {args.output}: fitted temperature {document['fitted_temperature']['tta']:.3f} (TTA), "
+          f"operating temperature {args.temperature}; coverage {point['validation']['coverage']:.1%} at precision "
+          f">= {args.target_precision} on {len(data.labels)} files")
+    return ir.EXIT_OK
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: float,
+             ood: np.ndarray | None) -> dict[str, Any]:
+    names = list(service.class_names)
+    op = service.operating_point
+    result: dict[str, Any] = {"temperature": temperature, "class_names": names, "n_failed": len(data.failed)}
+    for key, tta in (("tta", True), ("no_tta", False)):
+        logits = data.for_tta(tta)
+        probs = ir.calibrated_probs(logits, temperature)
+        fitted = op.document.get("fitted_temperature", {}).get(key) if op.document else None
+        result[key] = {
+            **operating_point_metrics(probs, data.labels, names, op.thresholds[tta]),
+            "confusion_matrix": {"rows_true": names, "columns_predicted": [*names, UNKNOWN],
+                                 "counts": confusion_matrix(probs, data.labels, op.thresholds[tta], names)},
+            "ece": {"temperature_1": expected_calibration_error(ir.calibrated_probs(logits, 1.0), data.labels),
+                    "operating_temperature": expected_calibration_error(probs, data.labels),
+                    "fitted_temperature": (expected_calibration_error(ir.calibrated_probs(logits, fitted),
+                                                                      data.labels) if fitted else None),
+                    "fitted_temperature_value": fitted},
+        }
+        if ood is not None:
+            ood_logits = ood if tta else ood[:, :1]
+            ood_probs = ir.calibrated_probs(ood_logits, temperature)
+            top = ood_probs.argmax(axis=1)
+            cut = np.array([op.thresholds[tta][names[t]] for t in top])
+            result[key]["ood"] = {"n": len(ood_probs),
+                                  "abstained_fraction": float((ood_probs.max(axis=1) < cut).mean())}
+    return result
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    try:
+        service = ir._service_from_args(args)
+        files = labelled_files(args.labelled_dir, service.class_names)
+    except (ir.ArtifactError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ir.EXIT_ARTIFACTS
+    temperature = args.temperature or service.operating_point.temperature
+    data = collect_logits(service, files, args.batch_size)
+    ood = None
+    if args.ood_dir is not None:
+        ood_paths = list(ir.scan_paths(args.ood_dir))
+        ood = np.stack([lg for _, _, lg, _ in service.iter_view_logits(ood_paths, args.batch_size) if lg is not None])
+    result = evaluate(service, data, temperature, ood)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    with AtomicWriter((args.output_dir / "evaluation.json").absolute()) as handle:
+        json.dump(result, handle, indent=2)
+    plots = write_plots(args.output_dir, service, data, temperature)
+    tta = result["tta"]
+    print(f"wrote {args.output_dir / 'evaluation.json'}" + (f" and {len(plots)} plots" if plots else ""))
+    print(f"top-1 {tta['top1_accuracy']:.3f}, coverage {tta['coverage']:.3f}, selective risk "
+          f"{tta['selective_risk']}, ECE {tta['ece']['temperature_1']:.3f} (T=1) -> "
+          f"{tta['ece']['operating_temperature']:.3f} (T={temperature})"
+          + (f", OOD abstained {tta['ood']['abstained_fraction']:.1%}" if "ood" in tta else ""))
+    return ir.EXIT_OK
+
+
+def write_plots(directory: Path, service: ir.ClassifierService, data: LabelledLogits, temperature: float) -> list[Path]:
+    """Reliability diagram, per-class risk-coverage curves and the confusion matrix as PNG (needs matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        logger.warning("matplotlib is not installed; plots skipped (pip install '.[train]')")
+        return []
+    names = list(service.class_names)
+    logits = data.for_tta(True)
+    probs = ir.calibrated_probs(logits, temperature)
+    written = []
+
+    fig, ax = plt.subplots(figsize=(5, 5))
+    for label, p in (("T=1", ir.calibrated_probs(logits, 1.0)), (f"T={temperature}", probs)):
+        confidence, correct = p.max(axis=1), p.argmax(axis=1) == data.labels
+        edges = np.linspace(0, 1, 11)
+        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, 9)
+        xs = [confidence[which == b].mean() for b in range(10) if (which == b).any()]
+        ys = [correct[which == b].mean() for b in range(10) if (which == b).any()]
+        ax.plot(xs, ys, marker="o", label=label)
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (TTA)")
+    ax.legend()
+    written.append(_save(fig, directory / "reliability.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    predicted, scores = probs.argmax(axis=1), probs.max(axis=1)
+    for index, name in enumerate(names):
+        mine = predicted == index
+        order = np.argsort(-scores[mine])
+        wrong = (data.labels[mine][order] != index).astype(float)
+        if len(wrong):
+            n = np.arange(1, len(wrong) + 1)
+            ax.plot(n / len(wrong), np.cumsum(wrong) / n, label=name)
+    ax.set(xlabel="coverage of predictions of the class", ylabel="risk (1 - precision)", title="Risk-coverage")
+    ax.legend()
+    written.append(_save(fig, directory / "risk_coverage.png"))
+
+    matrix = np.array(confusion_matrix(probs, data.labels, service.operating_point.thresholds[True], names))
+    fig, ax = plt.subplots(figsize=(6, 5))
+    ax.imshow(matrix, cmap="Blues")
+    ax.set_xticks(range(len(names) + 1), [*names, UNKNOWN], rotation=45, ha="right")
+    ax.set_yticks(range(len(names)), names)
+    for (row, col), value in np.ndenumerate(matrix):
+        ax.text(col, row, str(value), ha="center", va="center", fontsize=8)
+    ax.set(xlabel="predicted", ylabel="true", title="Confusion at the operating point")
+    written.append(_save(fig, directory / "confusion_matrix.png"))
+    return written
+
+
+def _save(fig: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,0 +1,860 @@
+"""Classify FITS/TIFF archives with the multimodal Keras classifier at a calibrated operating point.
+
+Library: ``ClassifierService`` (load once per process, ``predict_paths`` /
+``iter_predict_paths`` / ``predict_arrays``). CLI: ``filesystem`` (classify a
+directory tree into a JSON report), ``calibrate`` and ``evaluate`` (make and
+check an operating point on labelled directories). See README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import hashlib
+import json
+import logging
+import os
+import platform
+import signal
+import sys
+import threading
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import data_loader
+from report import (
+    SCHEMA_VERSION,
+    UNKNOWN,
+    Checkpoint,
+    CheckpointError,
+    Counts,
+    FileFingerprint,
+    PredictionRecord,
+    check_writable,
+    checkpoint_path,
+    read_report,
+    sort_key,
+    utc_now,
+    write_report,
+)
+
+__version__ = "0.1.0"
+logger = logging.getLogger("inference_runner")
+
+HERE = Path(__file__).resolve().parent
+DEFAULT_MODEL_PATH = HERE / "multimodal_classifier_mixup_warmup_randaug_2.keras"
+DEFAULT_SCALER_PATH = HERE / "feature_scaler.joblib"
+DEFAULT_THRESHOLDS_PATH = HERE / "thresholds_prod_precision.json"
+DEFAULT_TEMPERATURE = 0.7
+TTA_VIEWS = 4  # identity, left-right flip, up-down flip, 180-degree rotation
+
+EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_ARTIFACTS, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+
+__all__ = [
+    "ArtifactError",
+    "ClassifierService",
+    "OperatingPoint",
+    "PredictionRecord",
+    "main",
+    "scan_paths",
+]
+
+
+class ArtifactError(Exception):
+    """The model, scaler or thresholds file is missing, unreadable or does not match the others."""
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------- operating point
+
+
+@dataclass(frozen=True)
+class OperatingPoint:
+    """Class order, calibrated temperature and per-class thresholds (one set with TTA, one without)."""
+
+    class_names: tuple[str, ...]
+    temperature: float
+    thresholds: dict[bool, dict[str, float]]  # keyed by TTA on/off
+    model_sha256: str | None = None
+    scaler_sha256: str | None = None
+    source: str | None = None
+    document: dict[str, Any] | None = None
+
+    @classmethod
+    def uncalibrated(cls, class_names: Sequence[str]) -> OperatingPoint:
+        """Temperature 1 and no thresholds: what calibration measures from."""
+        zero = {name: 0.0 for name in class_names}
+        return cls(tuple(class_names), 1.0, {True: zero, False: zero})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> OperatingPoint:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                document = json.load(handle)
+        except FileNotFoundError as exc:
+            raise ArtifactError(f"{path}: thresholds file not found") from exc
+        except (OSError, ValueError) as exc:
+            raise ArtifactError(f"{path}: thresholds file is not valid JSON: {exc}") from exc
+        try:
+            names = tuple(document["class_names"])
+            points = document["operating_points"]
+            thresholds = {tta: {name: float(points[key]["thresholds"][name]) for name in names}
+                          for tta, key in ((True, "tta"), (False, "no_tta"))}
+            return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
+                       document.get("scaler_sha256"), str(path), document)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
+
+
+def _check_pinned(kind: str, path: Path, expected: str | None, actual: str, allow_mismatch: bool) -> None:
+    if expected is None or expected == actual:
+        return
+    message = (f"{path}: {kind} SHA-256 {actual[:12]}... does not match the {expected[:12]}... the thresholds "
+               f"were calibrated for; recalibrate (inference_runner.py calibrate) or pass --allow-mismatch")
+    if not allow_mismatch:
+        raise ArtifactError(message)
+    logger.warning("%s (continuing: mismatch allowed)", message)
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+def scan_paths(root: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Iterator[Path]:
+    """Supported image files under ``root``, depth first with each directory's entries sorted by name.
+
+    Symlinks are followed only while they stay inside ``root``; a directory
+    reached twice (a symlink cycle) is walked once. ``shard=(k, n)`` keeps the
+    files whose relative path hashes to ``k`` of ``n`` (1-based): a stable,
+    disjoint split that needs no coordination between machines.
+    """
+    root = Path(root).absolute()
+    root_real = os.path.realpath(root)
+    visited: set[str] = set()
+
+    def inside(path: str) -> bool:
+        real = os.path.realpath(path)
+        return real == root_real or real.startswith(root_real + os.sep)
+
+    def walk(directory: str) -> Iterator[Path]:
+        real = os.path.realpath(directory)
+        if real in visited:
+            return
+        visited.add(real)
+        try:
+            with os.scandir(directory) as entries:
+                ordered = sorted(entries, key=lambda entry: entry.name)
+        except OSError as exc:
+            logger.warning("%s: cannot list directory: %s", directory, exc.strerror or exc)
+            return
+        for entry in ordered:
+            if entry.is_symlink() and not inside(entry.path):
+                logger.warning("%s: symlink leads outside %s; skipped", entry.path, root)
+                continue
+            try:
+                if entry.is_dir():
+                    yield from walk(entry.path)
+                elif entry.is_file() and data_loader.is_supported(entry.name) and (
+                        shard is None or shard_of(os.path.relpath(entry.path, root), shard[1]) == shard[0]):
+                    yield Path(entry.path)
+            except OSError as exc:
+                logger.warning("%s: skipped: %s", entry.path, exc.strerror or exc)
+
+    yield from walk(str(root))
+
+
+def shard_of(relative_path: str, shards: int) -> int:
+    """1-based shard of a relative path: a hash of the path, stable across machines and runs."""
+    digest = hashlib.blake2b(relative_path.replace(os.sep, "/").encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % shards + 1
+
+
+# --------------------------------------------------------------------------- the service
+
+
+def _configure_tensorflow_threads(intra_op: int | None, inter_op: int | None) -> None:
+    """Thread pools must be set before TensorFlow runs its first op; later calls are ignored."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op or os.cpu_count() or 1)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op or 1)
+    except RuntimeError:
+        logger.debug("TensorFlow already initialised; thread settings unchanged")
+
+
+class ClassifierService:
+    """Load the model, scaler and operating point once; classify files or arrays many times.
+
+    Parameters
+    ----------
+    model_path, scaler_path, thresholds_path : path-like, optional
+        Default to the artifacts shipped next to this module.
+    operating_point : OperatingPoint, optional
+        Use this instead of reading ``thresholds_path`` (calibration does).
+    allow_mismatch : bool
+        Downgrade a model/scaler SHA-256 mismatch with the thresholds file to a warning.
+    workers : int, optional
+        Decode threads (default: the number of CPUs).
+    intra_op_threads, inter_op_threads : int, optional
+        TensorFlow thread pools (default: CPUs and 1); honoured when this is
+        the first TensorFlow use in the process.
+    hdu, max_pixels :
+        Passed to ``data_loader.load_sample`` for every file.
+
+    Raises
+    ------
+    ArtifactError
+        A file is missing or unreadable, or does not match the thresholds' pins.
+
+    Notes
+    -----
+    Nothing heavy happens at import; construct the service in the process that
+    uses it (in a Celery prefork child, not in the parent).
+    """
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike[str] | None = None,
+        scaler_path: str | os.PathLike[str] | None = None,
+        thresholds_path: str | os.PathLike[str] | None = None,
+        *,
+        operating_point: OperatingPoint | None = None,
+        allow_mismatch: bool = False,
+        workers: int | None = None,
+        intra_op_threads: int | None = None,
+        inter_op_threads: int | None = None,
+        hdu: int | str | None = None,
+        max_pixels: int = data_loader.DEFAULT_MAX_PIXELS,
+    ) -> None:
+        self.model_path = Path(model_path or DEFAULT_MODEL_PATH)
+        self.scaler_path = Path(scaler_path or DEFAULT_SCALER_PATH)
+        self.thresholds_path = None if operating_point else Path(thresholds_path or DEFAULT_THRESHOLDS_PATH)
+        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.hdu = hdu
+        self.max_pixels = max_pixels
+        for kind, path in (("model", self.model_path), ("scaler", self.scaler_path)):
+            if not path.is_file():
+                raise ArtifactError(f"{path}: {kind} file not found")
+        self.operating_point = operating_point or OperatingPoint.load(self.thresholds_path)
+        self.model_sha256 = sha256_of(self.model_path)
+        self.scaler_sha256 = sha256_of(self.scaler_path)
+        _check_pinned("model", self.model_path, self.operating_point.model_sha256, self.model_sha256, allow_mismatch)
+        _check_pinned("scaler", self.scaler_path, self.operating_point.scaler_sha256, self.scaler_sha256,
+                      allow_mismatch)
+        data_loader.tune_malloc()
+        try:
+            self.scaler = data_loader.load_scaler(self.scaler_path)
+        except (ValueError, OSError) as exc:
+            raise ArtifactError(str(exc)) from exc
+        self._load_model(intra_op_threads, inter_op_threads)
+        self._lock = threading.Lock()  # one forward pass at a time per service (Keras models are not re-entrant)
+
+    def _load_model(self, intra_op: int | None, inter_op: int | None) -> None:
+        _configure_tensorflow_threads(intra_op, inter_op)
+        import keras
+
+        try:
+            self.model = keras.saving.load_model(self.model_path, compile=False)
+        except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors...
+            raise ArtifactError(f"{self.model_path}: cannot load Keras model: {exc}") from exc
+        self._image_input, self._feature_input, self.channels = self._describe_inputs()
+        outputs = int(self.model.outputs[0].shape[-1])
+        if outputs != len(self.operating_point.class_names):
+            raise ArtifactError(f"{self.model_path}: model has {outputs} outputs but the operating point names "
+                                f"{len(self.operating_point.class_names)} classes")
+        self.outputs_probabilities = _ends_in_softmax(self.model)
+        logger.info("loaded %s (%s outputs, %d image channels)", self.model_path.name,
+                    "probability" if self.outputs_probabilities else "logit", self.channels)
+
+    def _describe_inputs(self) -> tuple[str, str, int]:
+        image_name = feature_name = None
+        channels = 1
+        for tensor in self.model.inputs:
+            name = tensor.name.split(":")[0]
+            if len(tensor.shape) == 4:
+                image_name, channels = name, int(tensor.shape[-1])
+                if tuple(tensor.shape[1:3]) != (data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE):
+                    raise ArtifactError(f"{self.model_path}: image input {tuple(tensor.shape)} is not "
+                                        f"{data_loader.IMAGE_SIZE}x{data_loader.IMAGE_SIZE}")
+            elif len(tensor.shape) == 2:
+                feature_name = name
+                if int(tensor.shape[-1]) != data_loader.N_FEATURES:
+                    raise ArtifactError(f"{self.model_path}: feature input takes {tensor.shape[-1]} features, "
+                                        f"data_loader produces {data_loader.N_FEATURES}")
+        if image_name is None or feature_name is None or channels not in (1, 3):
+            raise ArtifactError(f"{self.model_path}: expected an image input (N,448,448,1|3) and a feature "
+                                f"input (N,{data_loader.N_FEATURES})")
+        return image_name, feature_name, channels
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return self.operating_point.class_names
+
+    # ------------------------------------------------------------------ forward
+
+    def _view_logits(self, images: np.ndarray, features: np.ndarray, tta: bool) -> np.ndarray:
+        """(B, V, K) logits (or log-probabilities): all TTA views of the batch in one forward pass."""
+        views = [images]
+        if tta:
+            views += [images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
+        n_views = len(views)
+        stacked = np.stack(views, axis=1).reshape(-1, *images.shape[1:])[..., None]
+        if self.channels == 3:
+            stacked = np.repeat(stacked, 3, axis=-1)
+        repeated = np.repeat(features, n_views, axis=0)
+        with self._lock:
+            output = self.model.predict_on_batch({self._image_input: stacked, self._feature_input: repeated})
+        output = np.asarray(output, dtype=np.float64)
+        if self.outputs_probabilities:
+            output = np.log(np.clip(output, 1e-12, None))  # softmax(log p / T) == softmax(z / T)
+        return output.reshape(len(images), n_views, -1)
+
+    def iter_view_logits(
+        self, paths: Iterable[str | os.PathLike[str]], batch_size: int = 32, tta: bool = True
+    ) -> Iterator[tuple[str, FileFingerprint | None, np.ndarray | None, str | None]]:
+        """(path, fingerprint, view logits or None, error or None) per path, in input order.
+
+        Decoding runs in a thread pool ahead of inference through a bounded
+        window of ``2 * batch_size`` files: memory is O(batch), not O(files).
+        """
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        window: collections.deque[Future] = collections.deque()
+        pending: list[tuple[str, FileFingerprint | None, data_loader.Sample | None, str | None]] = []
+        with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
+            path_iter = iter(paths)
+            for path in path_iter:
+                window.append(pool.submit(self._load_one, str(path)))
+                if len(window) >= 2 * batch_size:
+                    break
+            while window:
+                pending.append(window.popleft().result())
+                next_path = next(path_iter, None)
+                if next_path is not None:
+                    window.append(pool.submit(self._load_one, str(next_path)))
+                if sum(item[2] is not None for item in pending) >= batch_size or not window:
+                    yield from self._flush(pending, tta)
+                    pending = []
+
+    def _flush(self, pending: list, tta: bool) -> Iterator[tuple[str, FileFingerprint | None, np.ndarray | None,
+                                                                  str | None]]:
+        good = [item for item in pending if item[2] is not None]
+        logits = iter(())
+        if good:
+            images = np.stack([item[2].image for item in good])
+            features = np.stack([item[2].features for item in good])
+            logits = iter(self._view_logits(images, features, tta))
+        for path, fingerprint, sample, error in pending:
+            yield path, fingerprint, (next(logits) if sample is not None else None), error
+
+    def _load_one(self, path: str) -> tuple[str, FileFingerprint | None, data_loader.Sample | None, str | None]:
+        fingerprint = FileFingerprint.of(path)
+        try:
+            sample = data_loader.load_sample(path, self.scaler, hdu=self.hdu, max_pixels=self.max_pixels)
+        except data_loader.ImageLoadError as exc:
+            logger.warning("%s", exc)
+            return path, fingerprint, None, exc.cause
+        except MemoryError:
+            logger.error("%s: out of memory while decoding", path)
+            return path, fingerprint, None, "out of memory while decoding"
+        except Exception as exc:  # a bad file must never cost another file its result
+            logger.exception("%s: unexpected error while loading", path)
+            return path, fingerprint, None, f"unexpected {type(exc).__name__}: {exc}"
+        return path, fingerprint, sample, None
+
+    # ------------------------------------------------------------------ postprocess
+
+    def calibrated_probs(self, view_logits: np.ndarray, temperature: float) -> np.ndarray:
+        """Mean over views of softmax(logits / T): (..., V, K) -> (..., K)."""
+        return calibrated_probs(view_logits, temperature)
+
+    def _record(self, path: str, fingerprint: FileFingerprint | None, view_logits: np.ndarray | None,
+                error: str | None, tta: bool, temperature: float, abstain: bool) -> PredictionRecord:
+        if view_logits is None:
+            return PredictionRecord.failure(path, error or "unknown error", fingerprint)
+        probs = calibrated_probs(view_logits, temperature)
+        top = int(np.argmax(probs))
+        top_class = self.class_names[top]
+        score = float(probs[top])
+        abstained = bool(abstain and score < self.operating_point.thresholds[tta][top_class])
+        return PredictionRecord(
+            path=path, label=UNKNOWN if abstained else top_class, score=round(score, 6), top_class=top_class,
+            abstained=abstained, probs={name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
+            timestamp=utc_now(), fingerprint=fingerprint.value if fingerprint else None,
+            size=fingerprint.size if fingerprint else None,
+            mtime=fingerprint.mtime_ns / 1e9 if fingerprint else None, error=None,
+        )
+
+    def _warn_off_calibration(self, tta: bool, temperature: float) -> None:
+        calibrated = self.operating_point.temperature
+        if abs(temperature - calibrated) > 1e-9:
+            logger.warning("temperature %.3g differs from the calibrated %.3g: thresholds may not hold their "
+                           "precision", temperature, calibrated)
+
+    # ------------------------------------------------------------------ public API
+
+    def iter_predict_paths(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        batch_size: int = 32,
+        tta: bool = True,
+        temperature: float = DEFAULT_TEMPERATURE,
+        abstain: bool = True,
+    ) -> Iterator[PredictionRecord]:
+        """Stream one :class:`PredictionRecord` per path, in input order (generator form of predict_paths)."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self._warn_off_calibration(tta, temperature)
+        for path, fingerprint, logits, error in self.iter_view_logits(paths, batch_size, tta):
+            yield self._record(path, fingerprint, logits, error, tta, temperature, abstain)
+
+    def predict_paths(
+        self,
+        paths: Iterable[str | os.PathLike[str]],
+        batch_size: int = 32,
+        tta: bool = True,
+        temperature: float = DEFAULT_TEMPERATURE,
+        abstain: bool = True,
+    ) -> list[PredictionRecord]:
+        """Classify files; one record per path in input order (failed files carry ``error``)."""
+        return list(self.iter_predict_paths(paths, batch_size, tta, temperature, abstain))
+
+    def predict_arrays(
+        self,
+        images: Sequence[np.ndarray],
+        batch_size: int = 32,
+        tta: bool = True,
+        temperature: float = DEFAULT_TEMPERATURE,
+        abstain: bool = True,
+        names: Sequence[str] | None = None,
+    ) -> list[PredictionRecord]:
+        """Classify 2-D pixel arrays already in memory through the same preprocessing as files."""
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
+        names = list(names) if names is not None else [f"<array {i}>" for i in range(len(images))]
+        if len(names) != len(images):
+            raise ValueError(f"got {len(names)} names for {len(images)} images")
+        records: list[PredictionRecord] = []
+        for start in range(0, len(images), batch_size):
+            pending = []
+            for name, image in zip(names[start:start + batch_size], images[start:start + batch_size]):
+                try:
+                    pending.append((name, None, data_loader.sample_from_array(image, self.scaler), None))
+                except ValueError as exc:
+                    pending.append((name, None, None, str(exc)))
+            for name, _, logits, error in self._flush(pending, tta):
+                records.append(self._record(name, None, logits, error, tta, temperature, abstain))
+        return records
+
+
+def calibrated_probs(view_logits: np.ndarray, temperature: float) -> np.ndarray:
+    """Mean over the view axis of softmax(logits / T); (..., V, K) -> (..., K)."""
+    scaled = np.asarray(view_logits, dtype=np.float64) / temperature
+    scaled -= scaled.max(axis=-1, keepdims=True)
+    probs = np.exp(scaled)
+    probs /= probs.sum(axis=-1, keepdims=True)
+    return probs.mean(axis=-2)
+
+
+def _ends_in_softmax(model: Any) -> bool:
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    name = getattr(activation, "__name__", "") if activation is not None else ""
+    return type(last).__name__ == "Softmax" or name == "softmax"
+
+
+# --------------------------------------------------------------------------- filesystem run
+
+
+class _StopRequested:
+    """SIGINT/SIGTERM set a flag; the run finishes its batch, flushes the checkpoint and stops."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopRequested:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:  # second signal: stop now
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning("%s received: finishing the current batch, then stopping", signal.Signals(signum).name)
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _library_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    versions = {"python": platform.python_version(), "platform": platform.platform()}
+    for package in ("numpy", "tensorflow", "keras", "astropy", "tifffile", "scikit-learn", "Pillow", "scipy"):
+        try:
+            versions[package] = md.version(package)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+@dataclass
+class RunOptions:
+    """Settings of one ``filesystem`` run (what the CLI parsed, or what a caller passes)."""
+
+    input_dir: Path
+    output: Path
+    batch_size: int = 32
+    tta: bool = True
+    temperature: float = DEFAULT_TEMPERATURE
+    abstain: bool = True
+    include_probs: bool = False
+    output_format: str = "json"
+    resume: bool = False
+    previous_report: Path | None = None
+    shard: tuple[int, int] | None = None
+    progress: bool = True
+
+
+def _run_key(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
+    """What must be equal for a checkpoint to be resumed."""
+    return {"input_dir": str(options.input_dir), "model_sha256": service.model_sha256,
+            "scaler_sha256": service.scaler_sha256, "thresholds": service.operating_point.thresholds[options.tta],
+            "temperature": options.temperature, "tta": options.tta, "abstain": options.abstain,
+            "shard": list(options.shard) if options.shard else None}
+
+
+def _previous_records(path: Path | None, run_key: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Records of an earlier report that may be carried over: same model, scaler and operating point."""
+    if path is None:
+        return {}
+    meta, records = read_report(path)
+    same = (meta.get("model", {}).get("sha256") == run_key["model_sha256"]
+            and meta.get("scaler", {}).get("sha256") == run_key["scaler_sha256"]
+            and meta.get("operating_point") == {k: run_key[k] for k in ("thresholds", "temperature", "tta",
+                                                                         "abstain")})
+    if not same:
+        logger.warning("%s: made with another model or operating point; nothing is reused", path)
+        return {}
+    return {record["path"]: record for record in records
+            if record["error"] is None and record.get("probs") is not None}
+
+
+def _progress_bar(enabled: bool, root: Path, shard: tuple[int, int] | None):
+    if not enabled or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="file", desc="classifying", file=sys.stderr, dynamic_ncols=True)
+
+    def count() -> None:  # the total arrives while inference already runs
+        bar.total = sum(1 for _ in scan_paths(root, shard))
+        bar.refresh()
+
+    threading.Thread(target=count, daemon=True, name="count-files").start()
+    return bar
+
+
+def run_filesystem(service: ClassifierService, options: RunOptions) -> tuple[Counts, bool]:
+    """Classify a tree into ``options.output`` via the checkpoint. Returns (counts, completed)."""
+    journal_path = checkpoint_path(options.output)
+    run_key = _run_key(service, options)
+    journal = Checkpoint(journal_path, run_key)
+    if journal_path.exists() and not options.resume:
+        raise CheckpointError(f"{journal_path}: an interrupted run left this checkpoint; rerun with --resume "
+                              f"to continue it, or delete it to start over")
+    done = journal.done_fingerprints() if options.resume else {}
+    previous = _previous_records(options.previous_report, run_key)
+    started_at = journal.first_started_at() or utc_now()
+    journal.open_session(utc_now())
+    bar = _progress_bar(options.progress, options.input_dir, options.shard)
+    counts = Counts()
+    try:
+        with _StopRequested() as stop:
+            completed = _classify_into(service, options, journal, done, previous, bar, stop)
+    finally:
+        journal.close()
+        if bar is not None:
+            bar.close()
+    if not completed:
+        return counts, False
+    for record in journal.merged_records():
+        counts.add(record)
+    meta = _report_meta(service, options, started_at, counts)
+    write_report(options.output, meta, journal.merged_records(), options.output_format, options.include_probs)
+    journal_path.unlink()
+    return counts, True
+
+
+def _classify_into(service: ClassifierService, options: RunOptions, journal: Checkpoint,
+                   done: dict[str, str | None], previous: dict[str, dict[str, Any]], bar: Any,
+                   stop: _StopRequested) -> bool:
+    """Run inference on what is not done yet, appending each batch to the journal. False if stopped."""
+    root = options.input_dir
+    carried: list[tuple[str, dict[str, Any]]] = []
+
+    def to_classify() -> Iterator[Path]:
+        for path in scan_paths(root, options.shard):
+            relative = os.path.relpath(path, root).replace(os.sep, "/")
+            fingerprint = FileFingerprint.of(path)
+            current = fingerprint.value if fingerprint else None
+            if relative in done and done[relative] == current:
+                _tick(bar)
+                continue
+            old = previous.get(str(path))
+            if old is not None and old["fingerprint"] == current:
+                carried.append((relative, {**old, "reused": True}))
+                _tick(bar)
+                continue
+            yield path
+
+    batch: list[tuple[str, dict[str, Any]]] = []
+    records = service.iter_predict_paths(to_classify(), options.batch_size, options.tta, options.temperature,
+                                         options.abstain)
+    for record in records:
+        relative = os.path.relpath(record.path, root).replace(os.sep, "/")
+        batch.append((relative, record.to_json()))
+        _tick(bar)
+        if len(batch) >= options.batch_size:
+            journal.append(_in_scan_order(carried, batch, final=False))
+            batch = []
+            if stop.requested:
+                records.close()
+                return False
+    journal.append(_in_scan_order(carried, batch, final=True))
+    return not stop.requested
+
+
+def _in_scan_order(carried: list, batch: list, final: bool) -> list:
+    """Fresh records plus the carried-over ones that sort before the batch's last, in scan order.
+
+    The scan runs ahead of inference, so ``carried`` may hold paths beyond this
+    batch; those wait for a later batch so the session stays sorted.
+    """
+    if final or not batch:
+        ready, keep = list(carried), []
+    else:
+        last = sort_key(batch[-1][0])
+        ready = [item for item in carried if sort_key(item[0]) < last]
+        keep = [item for item in carried if sort_key(item[0]) >= last]
+    carried[:] = keep
+    return sorted(ready + batch, key=lambda item: sort_key(item[0]))
+
+
+def _tick(bar: Any) -> None:
+    if bar is not None:
+        bar.update(1)
+
+
+def _report_meta(service: ClassifierService, options: RunOptions, started_at: str, counts: Counts) -> dict[str, Any]:
+    op = service.operating_point
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "tool_version": __version__,
+        "model": {"path": str(service.model_path), "sha256": service.model_sha256},
+        "scaler": {"path": str(service.scaler_path), "sha256": service.scaler_sha256},
+        "thresholds_file": str(service.thresholds_path) if service.thresholds_path else None,
+        "class_names": list(op.class_names),
+        "operating_point": {"thresholds": op.thresholds[options.tta], "temperature": options.temperature,
+                            "tta": options.tta, "abstain": options.abstain},
+        "calibrated_temperature": op.temperature,
+        "batch_size": options.batch_size,
+        "include_probs": options.include_probs,
+        "input_dir": str(options.input_dir),
+        "shard": f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
+        "previous_report": str(options.previous_report) if options.previous_report else None,
+        "started_at": started_at,
+        "finished_at": utc_now(),
+        **counts.as_json(options.abstain),
+        "versions": _library_versions(),
+    }
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def _shard_arg(text: str) -> tuple[int, int]:
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--shard takes K/N, e.g. 2/8; got {text!r}") from exc
+    if not 1 <= k <= n:
+        raise argparse.ArgumentTypeError(f"--shard K/N needs 1 <= K <= N; got {text!r}")
+    return k, n
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _add_artifact_args(parser: argparse.ArgumentParser, thresholds: bool = True) -> None:
+    parser.add_argument("--model_path", "--model-path", type=Path, default=DEFAULT_MODEL_PATH)
+    parser.add_argument("--scaler_path", "--scaler-path", type=Path, default=DEFAULT_SCALER_PATH)
+    if thresholds:
+        parser.add_argument("--thresholds", type=Path, default=DEFAULT_THRESHOLDS_PATH,
+                            help="operating point JSON (default: the shipped one)")
+        parser.add_argument("--allow-mismatch", action="store_true",
+                            help="warn instead of refusing when model/scaler differ from what the thresholds pin")
+    parser.add_argument("--workers", type=_positive_int, default=None, help="decode threads (default: CPUs)")
+    parser.add_argument("--threads", type=_positive_int, default=None, help="TensorFlow intra-op threads")
+    parser.add_argument("--hdu", default=None, help="FITS HDU index or EXTNAME to read (default: first image)")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="inference-runner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    fs = commands.add_parser("filesystem", help="classify every FITS/TIFF file under a directory")
+    fs.add_argument("--input_dir", "--input-dir", type=Path, required=True)
+    fs.add_argument("--output_json", "--output-json", type=Path, required=True)
+    fs.add_argument("--output_format", "--output-format", choices=("json", "jsonl"), default="json")
+    fs.add_argument("--batch_size", "--batch-size", type=_positive_int, default=32)
+    fs.add_argument("--temperature", type=_positive_float, default=DEFAULT_TEMPERATURE)
+    fs.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
+                    help="average 4 flipped views per image (default: on)")
+    fs.add_argument("--abstain_unknown", "--abstain-unknown", action=argparse.BooleanOptionalAction, default=True,
+                    help="report 'unknown' below the class threshold (default: on)")
+    fs.add_argument("--include-probs", "--include_probs", action="store_true", help="per-class probabilities")
+    fs.add_argument("--dry-run", action="store_true", help="list what would be classified; load no model")
+    fs.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoint")
+    fs.add_argument("--previous_report", "--previous-report", type=Path, default=None,
+                    help="reuse results of unchanged files from this earlier report")
+    fs.add_argument("--shard", type=_shard_arg, default=None, help="K/N: take this machine's share of the tree")
+    fs.add_argument("--fail-on-error", action="store_true", help="exit 1 when any file failed")
+    _add_artifact_args(fs)
+
+    cal = commands.add_parser("calibrate", help="fit temperature and per-class thresholds on labelled data")
+    cal.add_argument("--labelled_dir", "--labelled-dir", type=Path, required=True,
+                     help="one sub-folder per class, named as the classes")
+    cal.add_argument("--class_names", "--class-names", default=None,
+                     help="comma-separated, in model output order (default: from --reference thresholds)")
+    cal.add_argument("--reference", type=Path, default=DEFAULT_THRESHOLDS_PATH,
+                     help="thresholds file to take class names from when --class_names is not given")
+    cal.add_argument("--temperature", type=_positive_float, default=DEFAULT_TEMPERATURE)
+    cal.add_argument("--target_precision", "--target-precision", type=float, default=0.95)
+    cal.add_argument("--output", type=Path, default=DEFAULT_THRESHOLDS_PATH)
+    cal.add_argument("--batch_size", "--batch-size", type=_positive_int, default=32)
+    _add_artifact_args(cal, thresholds=False)
+
+    ev = commands.add_parser("evaluate", help="metrics and plots of the operating point on labelled data")
+    ev.add_argument("--labelled_dir", "--labelled-dir", type=Path, required=True)
+    ev.add_argument("--ood_dir", "--ood-dir", type=Path, default=None, help="out-of-distribution images")
+    ev.add_argument("--output_dir", "--output-dir", type=Path, required=True)
+    ev.add_argument("--temperature", type=_positive_float, default=None, help="default: the calibrated one")
+    ev.add_argument("--batch_size", "--batch-size", type=_positive_int, default=32)
+    _add_artifact_args(ev)
+    return parser
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not verbose:
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _service_from_args(args: argparse.Namespace, **overrides: Any) -> ClassifierService:
+    hdu = int(args.hdu) if args.hdu is not None and args.hdu.lstrip("-").isdigit() else args.hdu
+    options: dict[str, Any] = {"model_path": args.model_path, "scaler_path": args.scaler_path, "workers": args.workers,
+                               "intra_op_threads": args.threads, "hdu": hdu}
+    if "operating_point" not in overrides:
+        options.update(thresholds_path=args.thresholds, allow_mismatch=args.allow_mismatch)
+    return ClassifierService(**options, **overrides)
+
+
+def _cmd_filesystem(args: argparse.Namespace) -> int:
+    input_dir = args.input_dir.absolute()
+    if not input_dir.is_dir():
+        print(f"error: --input_dir {input_dir}: not a directory", file=sys.stderr)
+        return EXIT_USAGE
+    output = args.output_json.absolute()
+    if args.dry_run:
+        count = 0
+        for path in scan_paths(input_dir, args.shard):
+            print(path)
+            count += 1
+        print(f"dry run: {count} file(s) would be classified into {output}", file=sys.stderr)
+        return EXIT_OK
+    try:
+        check_writable(output)
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+    try:
+        service = _service_from_args(args)
+    except ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ARTIFACTS
+    options = RunOptions(input_dir=input_dir, output=output, batch_size=args.batch_size, tta=args.tta,
+                         temperature=args.temperature, abstain=args.abstain_unknown,
+                         include_probs=args.include_probs, output_format=args.output_format, resume=args.resume,
+                         previous_report=args.previous_report, shard=args.shard, progress=not args.quiet)
+    started = time.perf_counter()
+    try:
+        counts, completed = run_filesystem(service, options)
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"error: writing {output}: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+    if not completed:
+        print(f"interrupted: progress is saved in {checkpoint_path(output)}; rerun the same command with --resume "
+              f"to continue", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    elapsed = time.perf_counter() - started
+    coverage = counts.as_json(options.abstain)["coverage"]
+    print(f"wrote {output}")
+    print(f"{counts.total} files in {elapsed:.1f} s: {counts.classified} classified, {counts.abstained} unknown, "
+          f"{counts.errors} errors, {counts.reused} reused"
+          + (f"; coverage {coverage:.1%}" if coverage is not None else ""))
+    return EXIT_FILE_ERRORS if args.fail_on_error and counts.errors else EXIT_OK
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python inference_runner.py`` and the ``inference-runner`` console script."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.quiet, args.verbose)
+    if args.command == "filesystem":
+        return _cmd_filesystem(args)
+    import calibration
+
+    if args.command == "calibrate":
+        return calibration.cmd_calibrate(args)
+    return calibration.cmd_evaluate(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

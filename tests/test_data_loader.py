@@ -1,0 +1,365 @@
+"""data_loader: every FITS/TIFF variant archives hold, the bad inputs they also hold, preprocessing and features."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import shutil
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tifffile
+from astropy.io import fits
+
+import data_loader as dl
+from data_loader import ImageLoadError
+from training.simulator import render_frame
+
+ASTROPY_DATA = Path(fits.__file__).parent / "tests" / "data"
+
+
+def ramp(shape: tuple[int, ...] = (64, 80), dtype: str = "float32") -> np.ndarray:
+    return (np.arange(np.prod(shape)).reshape(shape) % 251).astype(dtype)
+
+
+def assert_model_ready(sample: dl.Sample) -> None:
+    assert sample.image.shape == (dl.IMAGE_SIZE, dl.IMAGE_SIZE)
+    assert sample.image.dtype == np.float32
+    assert np.isfinite(sample.image).all()
+    assert sample.image.min() >= 0.0 and sample.image.max() <= 1.0
+    assert sample.features.shape == (dl.N_FEATURES,) and np.isfinite(sample.features).all()
+
+
+# --------------------------------------------------------------------------- FITS variants
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int16", "int32", "float32", "float64"])
+def test_fits_bitpix_variants_read_exactly(tmp_path: Path, dtype: str) -> None:
+    data = ramp(dtype=dtype)
+    path = tmp_path / "a.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    image, info = dl.read_image(path)
+    assert image.dtype == np.float32 and image.shape == data.shape
+    np.testing.assert_array_equal(image, data.astype(np.float32))
+    assert info["format"] == "fits" and info["hdu"] == 0
+
+
+@pytest.mark.parametrize("dtype,offset", [("uint16", 60000), ("uint32", 4_000_000_000)])
+def test_fits_unsigned_via_bzero(tmp_path: Path, dtype: str, offset: int) -> None:
+    data = (ramp(dtype="int64") + offset).astype(dtype)
+    path = tmp_path / "u.fits"
+    fits.PrimaryHDU(data).writeto(path)
+    assert fits.getheader(path)["BZERO"] > 0
+    image, _ = dl.read_image(path)
+    np.testing.assert_allclose(image, data.astype(np.float64), rtol=1e-7)
+
+
+def test_fits_bscale_bzero_applied(tmp_path: Path) -> None:
+    hdu = fits.PrimaryHDU(ramp(dtype="int16"))
+    hdu.header["BSCALE"] = 0.5
+    hdu.header["BZERO"] = 100.0
+    path = tmp_path / "scaled.fits"
+    hdu.writeto(path, output_verify="ignore")
+    with fits.open(path) as hdul:
+        expected = hdul[0].data.astype(np.float32)
+    np.testing.assert_allclose(dl.read_image(path)[0], expected)
+
+
+def test_fits_blank_and_nonfinite_pixels_become_finite(tmp_path: Path) -> None:
+    data = ramp(dtype="int16")
+    data[5, 5] = -999
+    hdu = fits.PrimaryHDU(data)
+    hdu.header["BLANK"] = -999
+    hdu.writeto(tmp_path / "blank.fits")
+    image, _ = dl.read_image(tmp_path / "blank.fits")
+    assert np.isnan(image[5, 5]) and np.isfinite(np.delete(image.ravel(), 5 * 80 + 5)).all()
+    floats = ramp()
+    floats[1, 1], floats[2, 2], floats[3, 3] = np.nan, np.inf, -np.inf
+    fits.PrimaryHDU(floats).writeto(tmp_path / "nan.fits")
+    for name in ("blank.fits", "nan.fits"):
+        sample = dl.load_sample(tmp_path / name)
+        assert_model_ready(sample)
+        assert sample.info["missing_fraction"] > 0
+
+
+@pytest.mark.parametrize("wrapper", ["gz", "bz2"])
+def test_fits_gzip_and_bzip2_wrapped(tmp_path: Path, wrapper: str) -> None:
+    plain = tmp_path / "w.fits"
+    fits.PrimaryHDU(ramp()).writeto(plain)
+    wrapped = tmp_path / f"w.fits.{wrapper}"
+    opener = gzip.open if wrapper == "gz" else bz2.open
+    with open(plain, "rb") as source, opener(wrapped, "wb") as target:
+        shutil.copyfileobj(source, target)
+    np.testing.assert_array_equal(dl.read_image(wrapped)[0], ramp())
+
+
+@pytest.mark.parametrize("compression", ["RICE_1", "GZIP_1", "HCOMPRESS_1"])
+def test_tile_compressed_fits_in_extension(tmp_path: Path, compression: str) -> None:
+    data = (ramp(dtype="int32") * 3).astype(np.int16)
+    path = tmp_path / "c.fits.fz"
+    fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(data, compression_type=compression)]).writeto(path)
+    image, info = dl.read_image(path)
+    np.testing.assert_array_equal(image, data.astype(np.float32))  # lossless for integers
+    assert info["hdu"] == 1
+
+
+def test_empty_primary_picks_first_image_extension_and_hdu_override(tmp_path: Path) -> None:
+    first, second = ramp(), ramp() * 2
+    hdul = fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([fits.Column("a", "E", array=[1.0])]),
+                         fits.ImageHDU(first, name="SCI"), fits.ImageHDU(second, name="WHT")])
+    path = tmp_path / "mef.FITS"
+    hdul.writeto(path)
+    np.testing.assert_array_equal(dl.read_image(path)[0], first)
+    np.testing.assert_array_equal(dl.read_image(path, hdu="WHT")[0], second)
+    np.testing.assert_array_equal(dl.read_image(path, hdu=3)[0], second)
+    with pytest.raises(ImageLoadError, match="holds no image"):
+        dl.read_image(path, hdu=1)
+    with pytest.raises(ImageLoadError, match="no HDU"):
+        dl.read_image(path, hdu=9)
+
+
+def test_cube_uses_first_plane_and_colour_planes_use_luminance(tmp_path: Path) -> None:
+    cube = np.stack([ramp(), ramp() + 1000, ramp() + 2000, ramp() + 3000, ramp() + 4000])
+    fits.PrimaryHDU(cube).writeto(tmp_path / "cube.fts")
+    image, info = dl.read_image(tmp_path / "cube.fts")
+    np.testing.assert_array_equal(image, cube[0])
+    assert info["rule"] == "first plane of cube"
+    rgb = np.stack([np.full((32, 32), 10.0), np.full((32, 32), 20.0), np.full((32, 32), 30.0)]).astype(np.float32)
+    fits.PrimaryHDU(rgb).writeto(tmp_path / "rgb.fit")
+    image, info = dl.read_image(tmp_path / "rgb.fit")
+    np.testing.assert_allclose(image, 0.2126 * 10 + 0.7152 * 20 + 0.0722 * 30, rtol=1e-5)
+    assert info["rule"] == "luminance of colour planes"
+
+
+def test_header_without_end_card_is_opened_leniently(tmp_path: Path) -> None:
+    header_only = tmp_path / "noend.fits"
+    fits.PrimaryHDU().writeto(header_only)
+    raw = bytearray(header_only.read_bytes())
+    end = raw.index(b"END" + b" " * 77)
+    raw[end:end + 3] = b"   "
+    header_only.write_bytes(bytes(raw))
+    with pytest.raises(OSError, match="END"):
+        fits.open(header_only)  # astropy alone refuses it
+    _expect_error(header_only, "no image HDU")  # opened on the lenient retry, then judged on content
+
+    with_data = tmp_path / "noend_data.fits"
+    fits.PrimaryHDU(ramp((36, 40))).writeto(with_data)
+    raw = bytearray(with_data.read_bytes())
+    end = raw.index(b"END" + b" " * 77)
+    raw[end:end + 3] = b"   "
+    with_data.write_bytes(bytes(raw))
+    _expect_error(with_data, "truncated")  # binary data read as header cards: refused, not half-read
+
+
+def test_nonstandard_header_cards_do_not_stop_reading(tmp_path: Path) -> None:
+    path = tmp_path / "cards.fits"
+    fits.PrimaryHDU(ramp()).writeto(path)
+    raw = bytearray(path.read_bytes())
+    bad = b"BAD CARD= 'lower-case and space in keyword'".ljust(80)
+    slot = raw.index(b"END" + b" " * 77)
+    raw[slot:slot + 160] = bad + b"END".ljust(80)
+    path.write_bytes(bytes(raw))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no warning may escape to the caller either
+        image, _ = dl.read_image(path)
+    np.testing.assert_array_equal(image, ramp())
+
+
+def test_astropy_real_edge_case_files() -> None:
+    image, info = dl.read_image(ASTROPY_DATA / "comp.fits")
+    assert image.ndim == 2 and np.isfinite(image).all() and info["hdu"] == 1
+    with pytest.raises(ImageLoadError, match="1-D"):
+        dl.read_image(ASTROPY_DATA / "compressed_float_bzero.fits")  # a 3-pixel 1-D compressed HDU
+    scaled, _ = dl.read_image(ASTROPY_DATA / "scale.fits")
+    with fits.open(ASTROPY_DATA / "scale.fits") as hdul:
+        np.testing.assert_allclose(scaled, hdul[0].data, rtol=1e-6)
+    with pytest.raises(ImageLoadError, match="no image HDU"):
+        dl.read_image(ASTROPY_DATA / "random_groups.fits")
+    with pytest.raises(ImageLoadError, match="no image HDU"):
+        dl.read_image(ASTROPY_DATA / "tb.fits")
+
+
+# --------------------------------------------------------------------------- TIFF variants
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "float32", "float64"])
+@pytest.mark.parametrize("compression", [None, "lzw", "zlib", "packbits"])
+def test_tiff_dtypes_and_compressions(tmp_path: Path, dtype: str, compression: str | None) -> None:
+    data = ramp(dtype=dtype)
+    path = tmp_path / "t.tif"
+    tifffile.imwrite(path, data, compression=compression)
+    image, info = dl.read_image(path)
+    np.testing.assert_array_equal(image, data.astype(np.float32))
+    assert info["format"] == "tiff"
+
+
+@pytest.mark.parametrize("channels,planar", [(3, "contig"), (4, "contig"), (3, "separate")])
+def test_tiff_colour_to_luminance(tmp_path: Path, channels: int, planar: str) -> None:
+    pixel = np.array([10, 20, 30, 255][:channels], dtype=np.uint8)
+    data = np.broadcast_to(pixel, (40, 48, channels)).copy()
+    if planar == "separate":
+        data = np.moveaxis(data, -1, 0).copy()
+    extras = ["unassalpha"] if channels == 4 else None
+    tifffile.imwrite(tmp_path / "c.tiff", data, photometric="rgb", planarconfig=planar, extrasamples=extras)
+    image, _ = dl.read_image(tmp_path / "c.tiff")
+    assert image.shape == (40, 48)
+    np.testing.assert_allclose(image, 0.2126 * 10 + 0.7152 * 20 + 0.0722 * 30, rtol=1e-5)
+
+
+def test_tiff_multipage_and_bigtiff(tmp_path: Path) -> None:
+    path = tmp_path / "pages.TIF"
+    with tifffile.TiffWriter(path, bigtiff=True) as writer:
+        writer.write(ramp())
+        writer.write(ramp() * 3)
+    image, info = dl.read_image(path)
+    np.testing.assert_array_equal(image, ramp())
+    assert info["bigtiff"] is True and info["page"] == 0
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def _expect_error(path: Path, cause: str, **kwargs: object) -> ImageLoadError:
+    with pytest.raises(ImageLoadError) as caught:
+        dl.load_sample(path, **kwargs)
+    assert str(path) in str(caught.value), "the error names the file"
+    assert cause in caught.value.cause
+    return caught.value
+
+
+def test_bad_inputs_give_one_clear_error_type(tmp_path: Path) -> None:
+    (tmp_path / "empty.fits").write_bytes(b"")
+    _expect_error(tmp_path / "empty.fits", "empty")
+    (tmp_path / "page.fits").write_text("<!DOCTYPE html><html><body>404</body></html>")
+    _expect_error(tmp_path / "page.fits", "not a FITS file")
+    (tmp_path / "page.tif").write_text("<!DOCTYPE html><html></html>")
+    _expect_error(tmp_path / "page.tif", "not a TIFF file")
+    (tmp_path / "fake.fits.gz").write_bytes(b"plain text, not gzip")
+    _expect_error(tmp_path / "fake.fits.gz", "not a FITS file")
+
+    full = tmp_path / "full.fits"
+    fits.PrimaryHDU(ramp((256, 256))).writeto(full)
+    (tmp_path / "truncated.fits").write_bytes(full.read_bytes()[: full.stat().st_size // 2])
+    _expect_error(tmp_path / "truncated.fits", "truncated")
+
+    tifffile.imwrite(tmp_path / "full.tif", ramp((256, 256)))
+    (tmp_path / "truncated.tif").write_bytes((tmp_path / "full.tif").read_bytes()[:3000])
+    _expect_error(tmp_path / "truncated.tif", "cannot decode TIFF")
+
+    fits.HDUList([fits.PrimaryHDU(), fits.BinTableHDU.from_columns([fits.Column("x", "J", array=[1, 2])])]
+                 ).writeto(tmp_path / "table.fits")
+    _expect_error(tmp_path / "table.fits", "no image HDU")
+    fits.PrimaryHDU().writeto(tmp_path / "header_only.fits")
+    _expect_error(tmp_path / "header_only.fits", "no image HDU")
+    fits.PrimaryHDU(np.arange(100, dtype=np.float32)).writeto(tmp_path / "spectrum.fits")
+    _expect_error(tmp_path / "spectrum.fits", "1-D")
+    _expect_error(tmp_path / "missing.fits", "cannot open")
+
+
+def test_pixel_limit_refuses_before_reading(tmp_path: Path) -> None:
+    # A header that promises 100k x 100k pixels over a tiny file: refused from the header alone.
+    header = fits.Header({"SIMPLE": True, "BITPIX": -32, "NAXIS": 2, "NAXIS1": 100_000, "NAXIS2": 100_000})
+    path = tmp_path / "bomb.fits"
+    path.write_bytes(header.tostring().encode() + b"\0" * 2880)
+    error = _expect_error(path, "exceeds the limit", max_pixels=50_000_000)
+    assert "100000x100000" in error.cause
+    tifffile.imwrite(tmp_path / "big.tif", np.zeros((300, 300), np.uint8))
+    _expect_error(tmp_path / "big.tif", "exceeds the limit", max_pixels=10_000)
+
+
+def test_unsupported_extension_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "image.png").write_bytes(b"\x89PNG")
+    _expect_error(tmp_path / "image.png", "unsupported extension")
+
+
+# --------------------------------------------------------------------------- preprocessing
+
+
+def test_preprocess_shape_range_dtype_and_no_float64(tmp_path: Path) -> None:
+    image = np.random.default_rng(0).normal(100, 5, (1000, 1300)).astype(np.float32)
+    out = dl.preprocess(image)
+    assert out.shape == (448, 448) and out.dtype == np.float32
+    assert out.min() >= 0 and out.max() <= 1 and np.isfinite(out).all()
+    small = dl.resize_area(image)
+    assert dl.stretch(small).dtype == np.float32
+
+
+def test_constant_and_all_nan_images_without_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for image in (np.full((300, 300), 7.0, np.float32), np.full((300, 300), np.nan, np.float32)):
+            sample = dl.sample_from_array(image)
+            assert_model_ready(sample)
+            assert sample.image.max() == 0.0
+
+
+def test_bright_point_source_survives_area_resize() -> None:
+    noise = np.random.default_rng(1).normal(100, 3, (2048, 2048)).astype(np.float32)
+    image = noise.copy()
+    image[1003, 517] = 5000.0  # one hot pixel: a resize that samples every 4th pixel never sees it
+    assert image[::4, ::4].max() < 200
+    base, out = dl.preprocess(noise), dl.preprocess(image)
+    y, x = int(1003 * 448 / 2048), int(517 * 448 / 2048)
+    window = (slice(y - 1, y + 2), slice(x - 1, x + 2))
+    assert out[window].max() == pytest.approx(1.0)
+    assert out[window].max() - base[window].max() > 0.05
+
+
+def test_missing_pixels_are_filled_not_propagated() -> None:
+    image = np.random.default_rng(2).normal(100, 3, (900, 900)).astype(np.float32)
+    image[:, :300] = np.nan
+    small, missing = dl.resize_finite(image)
+    assert np.isfinite(small).all() and missing == pytest.approx(1 / 3, abs=1e-3)
+
+
+def test_small_images_are_upsampled() -> None:
+    assert dl.preprocess(np.random.default_rng(3).random((50, 70), dtype=np.float32)).shape == (448, 448)
+
+
+# --------------------------------------------------------------------------- features and scaler
+
+
+def test_features_have_signal_for_the_classes() -> None:
+    def features(name: str, seed: int) -> dict[str, float]:
+        return dict(zip(dl.FEATURE_NAMES, dl.sample_from_array(render_frame(name, seed, 512)).features))
+
+    fields = [features("star_field", seed) for seed in range(3)]
+    galaxies = [features("galaxy", seed) for seed in range(3)]
+    assert min(f["log_source_count"] for f in fields) > max(f["log_source_count"] for f in galaxies) - 1
+    assert np.mean([g["concentration"] for g in galaxies]) > np.mean([f["concentration"] for f in fields])
+    line = np.random.default_rng(4).normal(100, 3, (512, 512)).astype(np.float32)
+    np.fill_diagonal(line, 3000.0)
+    streak = dict(zip(dl.FEATURE_NAMES, dl.sample_from_array(line).features))["streak_score"]
+    assert streak > 0.5 > max(f["streak_score"] for f in fields)
+
+
+def test_features_are_invariant_to_flips() -> None:
+    frame = render_frame("galaxy", 11, 448)
+    base = dl.extract_features(frame)
+    for view in (frame[::-1], frame[:, ::-1], np.rot90(frame)):
+        np.testing.assert_allclose(dl.extract_features(np.ascontiguousarray(view)), base, rtol=1e-3, atol=1e-3)
+
+
+def test_scaler_feature_count_mismatch_is_clear(tmp_path: Path) -> None:
+    import joblib
+    from sklearn.preprocessing import StandardScaler
+
+    wrong = StandardScaler().fit(np.zeros((4, dl.N_FEATURES + 2)))
+    joblib.dump(wrong, tmp_path / "wrong.joblib")
+    with pytest.raises(dl.FeatureMismatchError, match="fitted on 16 features"):
+        dl.load_scaler(tmp_path / "wrong.joblib")
+    with pytest.raises(dl.FeatureMismatchError):
+        dl.apply_scaler(np.zeros(dl.N_FEATURES), wrong)
+    with pytest.raises(dl.FeatureMismatchError):
+        dl.apply_scaler(np.zeros(3), None)
+
+
+def test_import_does_not_load_tensorflow() -> None:
+    code = "import sys, data_loader; bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]; " \
+           "print(bad); sys.exit(1 if bad else 0)"
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(dl.__file__).parent, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
