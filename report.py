@@ -269,15 +269,16 @@ class Checkpoint:
                 handle.truncate(good_end)
 
     def _sessions(self) -> list[tuple[int, int]]:
-        """Byte ranges (start, end) of each session's records."""
-        starts: list[int] = []
+        """Byte ranges (start, end) of each session's records: from after its header to the next header."""
+        headers: list[tuple[int, int]] = []  # (where the header line begins, where it ends)
         offset = 0
         with open(self.path, "rb") as handle:
             for raw in handle:
-                if raw.startswith(b'{"kind":"header"'):
-                    starts.append(offset + len(raw))
+                if b'"header"' in raw and json.loads(raw).get("kind") == "header":
+                    headers.append((offset, offset + len(raw)))
                 offset += len(raw)
-        return [(start, (starts[i + 1] if i + 1 < len(starts) else offset)) for i, start in enumerate(starts)]
+        ends = [begin for begin, _ in headers[1:]] + [offset]
+        return [(after, end) for (_, after), end in zip(headers, ends)]
 
     def merged_records(self) -> Iterator[dict[str, Any]]:
         """Every path once, in scan order; a later session's record replaces an earlier one."""

@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 import data_loader
+from training.ood import write_ood_directory
 from training.simulator import CLASS_NAMES, FILE_VARIANTS, render_frame, write_frame
 
 logger = logging.getLogger(__name__)
@@ -251,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     model_path, scaler_path = args.out / MODEL_NAME, args.out / SCALER_NAME
+    # All simulation (process pools) happens before TensorFlow starts: forking after it is unsafe.
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="astro-train-"))
+    calibration_dir = write_labelled_directory(work / "calibration", args.calibration_per_class, CALIBRATION_SEED)
+    test_dir = write_labelled_directory(work / "test", args.test_per_class, TEST_SEED)
+    ood_dir = write_ood_directory(work / "ood")
     if not args.skip_train:
         data = load_or_build_dataset(args.cache, args.per_class)
         logger.info("%d training samples ready after %.0f s", len(data.labels), time.perf_counter() - started)
@@ -258,26 +264,22 @@ def main(argv: list[str] | None = None) -> int:
         model = train_model(data, scaler, args.epochs, seed=args.seed, width=args.width)
         model.save(model_path)
         joblib.dump(scaler, scaler_path)
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="astro-train-"))
-    calibration_dir = write_labelled_directory(work / "calibration", args.calibration_per_class, CALIBRATION_SEED)
-    test_dir = write_labelled_directory(work / "test", args.test_per_class, TEST_SEED)
-    ood_dir = inference_runner_ood_dir(work / "ood")
     thresholds_path = args.out / THRESHOLDS_NAME
-    inference_runner.main(["calibrate", "--labelled_dir", str(calibration_dir), "--model_path", str(model_path),
-                           "--scaler_path", str(scaler_path), "--output", str(thresholds_path), "--quiet"])
-    inference_runner.main(["evaluate", "--labelled_dir", str(test_dir), "--ood_dir", str(ood_dir),
-                           "--model_path", str(model_path), "--scaler_path", str(scaler_path),
-                           "--thresholds", str(thresholds_path), "--output_dir", str(args.out / "evaluation"),
-                           "--quiet"])
+    artifacts = ["--model_path", str(model_path), "--scaler_path", str(scaler_path)]
+    steps = [
+        ["calibrate", "--labelled_dir", str(calibration_dir), "--class_names", ",".join(CLASS_NAMES),
+         "--output", str(thresholds_path), *artifacts, "--quiet"],
+        ["evaluate", "--labelled_dir", str(test_dir), "--ood_dir", str(ood_dir), "--thresholds", str(thresholds_path),
+         "--output_dir", str(args.out / "evaluation"), *artifacts, "--quiet"],
+    ]
+    for step in steps:
+        code = inference_runner.main(step)
+        if code != 0:
+            logger.error("%s failed with exit code %d", step[0], code)
+            return code
     logger.info("done in %.0f s; evaluation in %s", time.perf_counter() - started, args.out / "evaluation")
     print(json.dumps({"model": str(model_path), "scaler": str(scaler_path), "thresholds": str(thresholds_path)}))
     return 0
-
-
-def inference_runner_ood_dir(directory: Path) -> Path:
-    from training.ood import write_ood_directory
-
-    return write_ood_directory(directory)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,143 @@
+"""The `filesystem` command: report content and schema, flags, exit codes, scanning rules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+import inference_runner as ir
+from report import load_schema, read_report
+from tests.conftest import artifact_args
+
+
+def run_cli(artifacts: dict[str, Path], *args: str) -> int:
+    return ir.main(["filesystem", *args, *artifact_args(artifacts), "--quiet"])
+
+
+def validate(report_path: Path) -> dict:
+    document = json.loads(report_path.read_text())
+    jsonschema.validate(document, load_schema())
+    return document
+
+
+def test_report_is_schema_valid_sorted_and_counts_add_up(tiny_artifacts: dict[str, Path], mixed_dir: Path,
+                                                         tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "out" / "report.json"
+    output.parent.mkdir()
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(output)) == ir.EXIT_OK
+    printed = capsys.readouterr().out
+    assert f"wrote {output}" in printed and "11 files" in printed
+    document = validate(output)
+    results, meta = document["results"], document["meta"]
+    paths = [r["path"] for r in results]
+    assert paths == [str(p) for p in ir.scan_paths(mixed_dir)]
+    assert len(paths) == 11 and not any(p.endswith("notes.txt") for p in paths)
+    relative = [os.path.relpath(p, mixed_dir).split(os.sep) for p in paths]
+    assert relative == sorted(relative)
+    errors = [r for r in results if r["error"]]
+    assert [Path(r["path"]).name for r in errors] == ["corrupt.fits"]
+    counts = meta["counts"]
+    assert counts["total"] == 11 and counts["errors"] == 1
+    assert counts["classified"] == sum(1 for r in results if r["error"] is None and not r["abstained"])
+    assert counts["abstained"] == sum(1 for r in results if r["abstained"])
+    assert meta["coverage"] == pytest.approx(counts["classified"] / 10)
+    assert "probs" not in results[0]
+    assert meta["operating_point"]["temperature"] == 0.7 and meta["operating_point"]["tta"] is True
+    assert not ir.checkpoint_path(output).exists(), "the checkpoint is removed after the final write"
+
+
+def test_include_probs_no_tta_no_abstain(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "r.json"
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(output), "--include-probs",
+                   "--no-tta", "--no-abstain_unknown", "--batch_size", "4") == 0
+    document = validate(output)
+    good = [r for r in document["results"] if r["error"] is None]
+    assert all(set(r["probs"]) == set(document["meta"]["class_names"]) for r in good)
+    assert all(r["abstained"] is False for r in good)
+    assert document["meta"]["coverage"] is None and document["meta"]["operating_point"]["tta"] is False
+
+
+def test_jsonl_output_format(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "r.jsonl"
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(output),
+                   "--output_format", "jsonl") == 0
+    lines = output.read_text().splitlines()
+    assert len(lines) == 12
+    meta, records = read_report(output)
+    schema = load_schema()
+    jsonschema.validate({"meta": meta, "results": list(records)}, schema)
+
+
+def test_dry_run_lists_files_and_loads_nothing(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    output = tmp_path / "r.json"
+    code = ir.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--dry-run",
+                    "--model_path", str(tmp_path / "absent.keras")])
+    assert code == 0
+    captured = capsys.readouterr()
+    assert len(captured.out.splitlines()) == 11
+    assert "11 file(s) would be classified" in captured.err
+    assert not output.exists()
+
+
+def test_exit_codes(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path) -> None:
+    output = tmp_path / "r.json"
+    assert run_cli(tiny_artifacts, "--input_dir", str(tmp_path / "nope"), "--output_json", str(output)) == 2
+    with pytest.raises(SystemExit) as usage:
+        ir.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--batch_size", "0"])
+    assert usage.value.code == 2
+    with pytest.raises(SystemExit):
+        ir.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--shard", "3/2"])
+    missing = dict(tiny_artifacts, model=tmp_path / "missing.keras")
+    assert run_cli(missing, "--input_dir", str(mixed_dir), "--output_json", str(output)) == ir.EXIT_ARTIFACTS
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir),
+                   "--output_json", str(tmp_path / "no_dir" / "r.json")) == ir.EXIT_OUTPUT
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(output),
+                   "--fail-on-error") == ir.EXIT_FILE_ERRORS
+    assert output.exists(), "the report is written even when --fail-on-error turns the exit code"
+
+
+def test_unwritable_output_directory_fails_before_inference(tiny_artifacts: dict[str, Path], mixed_dir: Path,
+                                                            monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    def no_model(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the model was loaded although the output cannot be written")
+
+    monkeypatch.setattr(ir, "ClassifierService", no_model)
+    # /proc refuses new files even to root, unlike a chmod-ed directory
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", "/proc/report.json") == 4
+    assert "not writable" in capsys.readouterr().err
+
+
+def test_symlinks_outside_and_cycles_are_not_followed(tmp_path: Path, mixed_dir: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.fits").write_bytes((next(mixed_dir.rglob("*.fits"))).read_bytes())
+    (mixed_dir / "escape").symlink_to(outside, target_is_directory=True)
+    (mixed_dir / "night1" / "loop").symlink_to(mixed_dir, target_is_directory=True)
+    inner = next(mixed_dir.rglob("*.tif"))
+    (mixed_dir / "alias.tif").symlink_to(inner)
+    found = [str(p) for p in ir.scan_paths(mixed_dir)]
+    assert not any("secret" in p for p in found)
+    assert str(mixed_dir / "alias.tif") in found
+    assert len(found) == len(set(found)) == 12
+
+
+def test_extensions_are_matched_case_insensitively(tmp_path: Path) -> None:
+    for name in ("a.FITS", "b.Fit", "c.fts", "d.fits.fz", "e.FITS.GZ", "f.fits.bz2", "g.TIFF", "h.tif", "i.png",
+                 "j.fits.zip"):
+        (tmp_path / name).write_bytes(b"x")
+    assert sorted(p.name for p in ir.scan_paths(tmp_path)) == ["a.FITS", "b.Fit", "c.fts", "d.fits.fz",
+                                                                  "e.FITS.GZ", "f.fits.bz2", "g.TIFF", "h.tif"]
+
+
+def test_shards_are_disjoint_stable_and_complete(mixed_dir: Path) -> None:
+    everything = [str(p) for p in ir.scan_paths(mixed_dir)]
+    shards = [[str(p) for p in ir.scan_paths(mixed_dir, (k, 3))] for k in (1, 2, 3)]
+    assert sorted(sum(shards, [])) == sorted(everything)
+    assert sum(len(s) for s in shards) == len(everything)
+    assert shards[0] == [str(p) for p in ir.scan_paths(mixed_dir, (1, 3))]
