@@ -2,58 +2,25 @@
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import data_loader  # noqa: E402
 from training.simulator import CLASS_NAMES, render_frame, write_frame  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """An untrained two-input model, a scaler fitted on simulated frames, and a hand-set operating point.
+    """An untrained model, a scaler and a hand-set operating point (see training/tiny.py)."""
+    from training.tiny import make_tiny_artifacts
 
-    Thresholds of 0.3 give a mix of classified and abstained files even with
-    random weights; tests assert the rule, not the labels.
-    """
-    import joblib
-    import keras
-    from sklearn.preprocessing import StandardScaler
-
-    from inference_runner import sha256_of
-    from training.train import build_model
-
-    directory = tmp_path_factory.mktemp("tiny_model")
-    keras.utils.set_random_seed(0)
-    model = build_model(len(CLASS_NAMES), data_loader.N_FEATURES)
-    model_path = directory / "tiny.keras"
-    model.save(model_path)
-    features = [data_loader.sample_from_array(render_frame(name, seed, 128)).features
-                for name in CLASS_NAMES for seed in range(2)]
-    scaler_path = directory / "scaler.joblib"
-    joblib.dump(StandardScaler().fit(np.stack(features)), scaler_path)
-    thresholds = {name: 0.3 for name in CLASS_NAMES}
-    document = {
-        "format_version": 1,
-        "class_names": list(CLASS_NAMES),
-        "temperature": 0.7,
-        "target_precision": 0.95,
-        "operating_points": {"tta": {"thresholds": thresholds}, "no_tta": {"thresholds": thresholds}},
-        "model_sha256": sha256_of(model_path),
-        "scaler_sha256": sha256_of(scaler_path),
-    }
-    thresholds_path = directory / "thresholds.json"
-    thresholds_path.write_text(json.dumps(document))
-    return {"model": model_path, "scaler": scaler_path, "thresholds": thresholds_path}
+    return make_tiny_artifacts(tmp_path_factory.mktemp("tiny_model"))
 
 
 @pytest.fixture(scope="session")

@@ -30,7 +30,7 @@ def test_one_record_per_path_in_input_order_with_errors(tiny_service: Classifier
         assert sum(record.probs.values()) == pytest.approx(1.0, abs=1e-4)
         assert record.score == pytest.approx(max(record.probs.values()), abs=1e-6)
         assert record.top_class == max(record.probs, key=record.probs.get)
-        size, mtime_ns = (int(v) for v in record.fingerprint.split("-"))
+        size, _mtime_ns = (int(v) for v in record.fingerprint.split("-"))
         assert size == Path(record.path).stat().st_size == record.size
         assert record.timestamp.endswith("Z")
 

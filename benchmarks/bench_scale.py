@@ -1,0 +1,90 @@
+"""Archive-scale behaviour of the filesystem CLI: flat memory in the number of files, fast start on huge trees.
+
+    python benchmarks/bench_scale.py [--small 1000] [--large 20000] [--tree 200000]
+
+Files are hard links to one small FITS frame (cheap to make, real to read).
+Peak RSS is the child process's own (os.wait4). Time to first result is from
+process start until the checkpoint holds its first record; the same figure
+for a 10-file tree is the start-up cost (Python, TensorFlow, model load).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from training.simulator import render_frame, write_frame  # noqa: E402
+
+
+def make_tree(root: Path, count: int, template: Path) -> Path:
+    root.mkdir(parents=True)
+    for index in range(count):
+        directory = root / f"night{index // 1000:04d}"
+        if index % 1000 == 0:
+            directory.mkdir()
+        os.link(template, directory / f"frame{index:07d}.fits")
+    return root
+
+
+def command(tree: Path, output: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "inference_runner.py"), "filesystem", "--input_dir", str(tree),
+            "--output_json", str(output), "--quiet", "--batch_size", "64"]
+
+
+def run_for_peak_rss(tree: Path, output: Path) -> tuple[float, float]:
+    started = time.perf_counter()
+    process = subprocess.Popen(command(tree, output), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"run over {tree} failed with status {status}")
+    return usage.ru_maxrss / 1024, time.perf_counter() - started
+
+
+def time_to_first_record(tree: Path, output: Path) -> float:
+    checkpoint = output.with_name(output.name + ".partial.jsonl")
+    started = time.perf_counter()
+    process = subprocess.Popen(command(tree, output), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while process.poll() is None:
+            if checkpoint.exists() and b'"kind":"record"' in checkpoint.read_bytes()[:1 << 16]:
+                return time.perf_counter() - started
+            time.sleep(0.01)
+        return time.perf_counter() - started
+    finally:
+        process.kill()
+        process.wait()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--small", type=int, default=1000)
+    parser.add_argument("--large", type=int, default=20000)
+    parser.add_argument("--tree", type=int, default=200000)
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory() as scratch:
+        scratch_path = Path(scratch)
+        template = write_frame(render_frame("star_field", 5, 64), scratch_path / "template", "fits_int16")
+        small_rss, small_s = run_for_peak_rss(make_tree(scratch_path / "small", args.small, template),
+                                              scratch_path / "small.json")
+        large_rss, large_s = run_for_peak_rss(make_tree(scratch_path / "large", args.large, template),
+                                              scratch_path / "large.json")
+        print(f"peak RSS: {args.small} files {small_rss:.0f} MB ({small_s:.0f} s), {args.large} files "
+              f"{large_rss:.0f} MB ({large_s:.0f} s): difference {large_rss - small_rss:+.0f} MB (target < 50 MB)")
+        startup = time_to_first_record(make_tree(scratch_path / "ten", 10, template), scratch_path / "ten.json")
+        huge = make_tree(scratch_path / "huge", args.tree, template)
+        first = time_to_first_record(huge, scratch_path / "huge.json")
+        print(f"first result after {first:.1f} s on a tree of {args.tree} files vs {startup:.1f} s on 10 files "
+              f"(scan cost before inference {first - startup:+.1f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
