@@ -27,10 +27,11 @@ logger = logging.getLogger("calibration")
 
 @dataclass
 class LabelledLogits:
-    """Per-file TTA view logits of a labelled directory (files that failed to load are left out)."""
+    """Per-file TTA view logits and embeddings of a labelled directory (files that failed are left out)."""
 
     paths: list[str]
     view_logits: np.ndarray  # (N, V, K)
+    embeddings: np.ndarray  # (N, E)
     labels: np.ndarray  # (N,) class index
     failed: list[tuple[str, str]]
 
@@ -53,18 +54,18 @@ def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Pa
 
 
 def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]], batch_size: int) -> LabelledLogits:
-    paths, logits, labels, failed = [], [], [], []
-    for (path, label), (_, _, view_logits, error) in zip(
-            files, service.iter_view_logits([p for p, _ in files], batch_size, tta=True)):
-        if view_logits is None:
-            failed.append((str(path), error or "unknown error"))
+    paths, logits, embeddings, labels, failed = [], [], [], [], []
+    for (path, label), scored in zip(files, service.iter_scored([p for p, _ in files], batch_size, tta=True)):
+        if scored.view_logits is None:
+            failed.append((str(path), scored.error or "unknown error"))
             continue
         paths.append(str(path))
-        logits.append(view_logits)
+        logits.append(scored.view_logits)
+        embeddings.append(scored.embedding)
         labels.append(label)
     if failed:
         logger.warning("%d labelled files could not be read and are left out", len(failed))
-    return LabelledLogits(paths, np.stack(logits), np.array(labels), failed)
+    return LabelledLogits(paths, np.stack(logits), np.stack(embeddings), np.array(labels), failed)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -119,13 +120,19 @@ def precision_threshold(scores: np.ndarray, correct: np.ndarray, target: float) 
     return float(ranked_scores[ok_cuts[-1]])
 
 
+def accepted_mask(probs: np.ndarray, class_names: Sequence[str], thresholds: dict[str, float],
+                  inside: np.ndarray | None = None) -> np.ndarray:
+    """Files not abstained on: top score at or above its class threshold (and inside the OOD gate)."""
+    cut = np.array([thresholds[class_names[p]] for p in probs.argmax(axis=1)])
+    accepted = probs.max(axis=1) >= cut
+    return accepted if inside is None else accepted & inside
+
+
 def operating_point_metrics(probs: np.ndarray, labels: np.ndarray, class_names: Sequence[str],
-                            thresholds: dict[str, float]) -> dict[str, Any]:
+                            thresholds: dict[str, float], inside: np.ndarray | None = None) -> dict[str, Any]:
     """Per-class precision/recall/coverage/support and overall coverage, accuracy and risk at thresholds."""
     predicted = probs.argmax(axis=1)
-    scores = probs.max(axis=1)
-    cut = np.array([thresholds[class_names[p]] for p in predicted])
-    accepted = scores >= cut
+    accepted = accepted_mask(probs, class_names, thresholds, inside)
     correct = predicted == labels
     per_class = {}
     for index, name in enumerate(class_names):
@@ -155,12 +162,10 @@ def _ratio(numerator: Any, denominator: Any) -> float | None:
 
 
 def confusion_matrix(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str, float],
-                     class_names: Sequence[str]) -> list[list[int]]:
+                     class_names: Sequence[str], inside: np.ndarray | None = None) -> list[list[int]]:
     """Rows: true class; columns: predicted class, then ``unknown``."""
-    predicted = probs.argmax(axis=1)
-    scores = probs.max(axis=1)
-    columns = np.where(scores >= np.array([thresholds[class_names[p]] for p in predicted]), predicted,
-                       len(class_names))
+    accepted = accepted_mask(probs, class_names, thresholds, inside)
+    columns = np.where(accepted, probs.argmax(axis=1), len(class_names))
     matrix = np.zeros((len(class_names), len(class_names) + 1), dtype=int)
     np.add.at(matrix, (labels, columns), 1)
     return matrix.tolist()
@@ -170,9 +175,15 @@ def confusion_matrix(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str
 
 
 def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: float,
-              target_precision: float) -> dict[str, Any]:
-    """The thresholds document (see README 'Operating point') for ``service``'s model and scaler."""
+              target_precision: float, ood_quantile: float | None = 0.99) -> dict[str, Any]:
+    """The thresholds document (see README 'Operating point') for ``service``'s model and scaler.
+
+    Thresholds are chosen on the files inside the OOD gate (fitted first on the
+    same embeddings), since the gate abstains on the rest anyway.
+    """
     names = list(service.class_names)
+    gate = ir.OodGate.fit(data.embeddings, data.labels, ood_quantile) if ood_quantile else None
+    inside = ~gate.is_outside(data.embeddings) if gate else np.ones(len(data.labels), dtype=bool)
     points = {}
     fitted = {}
     for key, tta in (("tta", True), ("no_tta", False)):
@@ -181,14 +192,15 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         probs = ir.calibrated_probs(logits, temperature)
         predicted, scores = probs.argmax(axis=1), probs.max(axis=1)
         correct = predicted == data.labels
-        thresholds = {name: precision_threshold(scores[predicted == i], correct[predicted == i], target_precision)
+        thresholds = {name: precision_threshold(scores[inside & (predicted == i)], correct[inside & (predicted == i)],
+                                                target_precision)
                       for i, name in enumerate(names)}
         unreachable = [name for name, value in thresholds.items() if value > 1.0]
         if unreachable:
             logger.warning("%s: precision %.2f is not reachable for %s; they will always abstain", key,
                            target_precision, unreachable)
         points[key] = {"thresholds": thresholds,
-                       "validation": operating_point_metrics(probs, data.labels, names, thresholds)}
+                       "validation": operating_point_metrics(probs, data.labels, names, thresholds, inside)}
     return {
         "format_version": 1,
         "class_names": names,
@@ -196,6 +208,7 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         "fitted_temperature": fitted,
         "target_precision": target_precision,
         "operating_points": points,
+        "ood_gate": gate.to_json() if gate else None,
         "model_file": service.model_path.name,
         "model_sha256": service.model_sha256,
         "scaler_file": service.scaler_path.name,
@@ -225,7 +238,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
         print(f"error: --target_precision must be in (0, 1), got {args.target_precision}", file=sys.stderr)
         return ir.EXIT_USAGE
     data = collect_logits(service, files, args.batch_size)
-    document = calibrate(service, data, args.temperature, args.target_precision)
+    document = calibrate(service, data, args.temperature, args.target_precision, args.ood_quantile or None)
     with AtomicWriter(args.output.absolute()) as handle:
         json.dump(document, handle, indent=2)
     point = document["operating_points"]["tta"]
@@ -238,19 +251,25 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 
+def _inside(gate: ir.OodGate | None, embeddings: np.ndarray) -> np.ndarray:
+    return ~gate.is_outside(embeddings) if gate is not None else np.ones(len(embeddings), dtype=bool)
+
+
 def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: float,
-             ood: np.ndarray | None) -> dict[str, Any]:
+             ood: LabelledLogits | None) -> dict[str, Any]:
     names = list(service.class_names)
     op = service.operating_point
-    result: dict[str, Any] = {"temperature": temperature, "class_names": names, "n_failed": len(data.failed)}
+    inside = _inside(op.ood_gate, data.embeddings)
+    result: dict[str, Any] = {"temperature": temperature, "class_names": names, "n_failed": len(data.failed),
+                              "ood_gate_rejected_in_distribution": float(1.0 - inside.mean())}
     for key, tta in (("tta", True), ("no_tta", False)):
         logits = data.for_tta(tta)
         probs = ir.calibrated_probs(logits, temperature)
         fitted = op.document.get("fitted_temperature", {}).get(key) if op.document else None
         result[key] = {
-            **operating_point_metrics(probs, data.labels, names, op.thresholds[tta]),
+            **operating_point_metrics(probs, data.labels, names, op.thresholds[tta], inside),
             "confusion_matrix": {"rows_true": names, "columns_predicted": [*names, UNKNOWN],
-                                 "counts": confusion_matrix(probs, data.labels, op.thresholds[tta], names)},
+                                 "counts": confusion_matrix(probs, data.labels, op.thresholds[tta], names, inside)},
             "ece": {"temperature_1": expected_calibration_error(ir.calibrated_probs(logits, 1.0), data.labels),
                     "operating_temperature": expected_calibration_error(probs, data.labels),
                     "fitted_temperature": (expected_calibration_error(ir.calibrated_probs(logits, fitted),
@@ -278,8 +297,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = collect_logits(service, files, args.batch_size)
     ood = None
     if args.ood_dir is not None:
-        ood_paths = list(ir.scan_paths(args.ood_dir))
-        ood = np.stack([lg for _, _, lg, _ in service.iter_view_logits(ood_paths, args.batch_size) if lg is not None])
+        ood = collect_logits(service, [(path, -1) for path in ir.scan_paths(args.ood_dir)], args.batch_size)
     result = evaluate(service, data, temperature, ood)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with AtomicWriter((args.output_dir / "evaluation.json").absolute()) as handle:
@@ -335,7 +353,8 @@ def write_plots(directory: Path, service: ir.ClassifierService, data: LabelledLo
     ax.legend()
     written.append(_save(fig, directory / "risk_coverage.png"))
 
-    matrix = np.array(confusion_matrix(probs, data.labels, service.operating_point.thresholds[True], names))
+    matrix = np.array(confusion_matrix(probs, data.labels, service.operating_point.thresholds[True], names,
+                                       _inside(service.operating_point.ood_gate, data.embeddings)))
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(names) + 1), [*names, UNKNOWN], rotation=45, ha="right")

@@ -67,6 +67,7 @@ FEATURE_NAMES: tuple[str, ...] = (
     "streak_score",  # longest thin component: length / N times elongation
     "psd_slope",  # log-log slope of the radial power spectrum
     "background_gradient",  # spread of 4x4 block medians, in sigma (log10)
+    "pixel_noise_ratio",  # neighbour-difference sigma / sigma: ~1 for sky noise, ~0 for smooth renders
 )
 N_FEATURES = len(FEATURE_NAMES)
 
@@ -471,6 +472,18 @@ def _block_mean(image: np.ndarray, factor: int) -> np.ndarray:
     return np.asarray(Image.fromarray(np.ascontiguousarray(image, dtype=np.float32)).reduce(factor))
 
 
+def _difference_sigma(image: np.ndarray) -> float:
+    """Robust sigma of one pixel from |horizontal| and |vertical| neighbour differences.
+
+    Absolute values make it exactly invariant under flips and rotations. ``image``
+    holds 2x2 means of the plane sigma is measured on, so white noise there has
+    sigma / 2, and a difference of two such pixels sqrt(2) times that.
+    """
+    differences = np.concatenate((np.abs(image[:, 1:] - image[:, :-1]).ravel(),
+                                  np.abs(image[1:] - image[:-1]).ravel()))
+    return float(np.median(differences)) / 0.6745 * 2.0 / np.sqrt(2.0)
+
+
 def _psd_slope(image: np.ndarray) -> float:
     """Slope of log radial power vs log frequency (textures: noise ~0, diffuse nebulae steep)."""
     n = image.shape[0]
@@ -536,6 +549,7 @@ def extract_features(small: np.ndarray, percentiles: dict[float, float] | None =
             streak,
             _psd_slope(np.clip(quarter, None, np.float32(q[99.0]))),
             np.log10(1.0 + gradient),
+            _difference_sigma(quarter) / sigma,
         ],
         dtype=np.float32,
     )

@@ -59,6 +59,7 @@ EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_ARTIFACTS, EXIT_OUTPUT, EXIT_INTERRU
 __all__ = [
     "ArtifactError",
     "ClassifierService",
+    "OodGate",
     "OperatingPoint",
     "PredictionRecord",
     "main",
@@ -82,6 +83,70 @@ def sha256_of(path: str | os.PathLike[str]) -> str:
 
 
 @dataclass(frozen=True)
+class OodGate:
+    """Out-of-distribution gate: Mahalanobis distance of a file's embedding to the nearest class mean.
+
+    Fitted on the calibration set (class means, pooled covariance); a file
+    farther than ``max_distance`` (a high quantile of the calibration
+    distances) abstains whatever its score.
+    """
+
+    means: np.ndarray  # (K, E)
+    precision: np.ndarray  # (E, E) inverse of the pooled covariance
+    max_distance: float
+    quantile: float
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float = 0.99,
+            ridge: float = 1e-3) -> OodGate:
+        classes = np.unique(labels)
+        means = np.stack([embeddings[labels == k].mean(axis=0) for k in classes])
+        residuals = embeddings - means[np.searchsorted(classes, labels)]
+        covariance = residuals.T @ residuals / len(embeddings)
+        covariance += ridge * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
+        gate = cls(means, np.linalg.inv(covariance), float("inf"), quantile)
+        return cls(means, gate.precision, float(np.quantile(gate.distance(embeddings), quantile)), quantile)
+
+    def distance(self, embeddings: np.ndarray) -> np.ndarray:
+        """Squared Mahalanobis distance to the nearest class mean, per row of ``embeddings``."""
+        centred = embeddings[:, None, :] - self.means[None, :, :]
+        return np.einsum("nke,ef,nkf->nk", centred, self.precision, centred).min(axis=1)
+
+    def is_outside(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.distance(embeddings) > self.max_distance
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "mahalanobis_embedding", "quantile": self.quantile, "max_distance": self.max_distance,
+                "means": self.means.tolist(), "precision": self.precision.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OodGate:
+        return cls(np.asarray(data["means"], dtype=np.float64), np.asarray(data["precision"], dtype=np.float64),
+                   float(data["max_distance"]), float(data["quantile"]))
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    """A decoded file waiting for its batch (sample is None when it failed)."""
+
+    path: str
+    fingerprint: FileFingerprint | None
+    sample: data_loader.Sample | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ScoredFile:
+    """Model outputs for one input before postprocessing (what calibration and evaluation consume)."""
+
+    path: str
+    fingerprint: FileFingerprint | None
+    view_logits: np.ndarray | None  # (V, K)
+    embedding: np.ndarray | None  # (E,), mean over views
+    error: str | None
+
+
+@dataclass(frozen=True)
 class OperatingPoint:
     """Class order, calibrated temperature and per-class thresholds (one set with TTA, one without)."""
 
@@ -90,6 +155,7 @@ class OperatingPoint:
     thresholds: dict[bool, dict[str, float]]  # keyed by TTA on/off
     model_sha256: str | None = None
     scaler_sha256: str | None = None
+    ood_gate: OodGate | None = None
     source: str | None = None
     document: dict[str, Any] | None = None
 
@@ -113,8 +179,9 @@ class OperatingPoint:
             points = document["operating_points"]
             thresholds = {tta: {name: float(points[key]["thresholds"][name]) for name in names}
                           for tta, key in ((True, "tta"), (False, "no_tta"))}
+            gate = OodGate.from_json(document["ood_gate"]) if document.get("ood_gate") else None
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
-                       document.get("scaler_sha256"), str(path), document)
+                       document.get("scaler_sha256"), gate, str(path), document)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
 
@@ -278,6 +345,7 @@ class ClassifierService:
             raise ArtifactError(f"{self.model_path}: model has {outputs} outputs but the operating point names "
                                 f"{len(self.operating_point.class_names)} classes")
         self.outputs_probabilities = _ends_in_softmax(self.model)
+        self._forward_model = keras.Model(self.model.inputs, [self.model.outputs[0], _embedding_tensor(self.model)])
         logger.info("loaded %s (%s outputs, %d image channels)", self.model_path.name,
                     "probability" if self.outputs_probabilities else "logit", self.channels)
 
@@ -307,8 +375,12 @@ class ClassifierService:
 
     # ------------------------------------------------------------------ forward
 
-    def _view_logits(self, images: np.ndarray, features: np.ndarray, tta: bool) -> np.ndarray:
-        """(B, V, K) logits (or log-probabilities): all TTA views of the batch in one forward pass."""
+    def _forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        """All TTA views of the batch in one pass: (B, V, K) logits (or log-probabilities) and (B, E) embeddings.
+
+        The embedding is the input of the model's final layer, averaged over views;
+        the out-of-distribution gate measures distances there.
+        """
         views = [images]
         if tta:
             views += [images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
@@ -318,16 +390,18 @@ class ClassifierService:
             stacked = np.repeat(stacked, 3, axis=-1)
         repeated = np.repeat(features, n_views, axis=0)
         with self._lock:
-            output = self.model.predict_on_batch({self._image_input: stacked, self._feature_input: repeated})
+            output, embedding = self._forward_model.predict_on_batch(
+                {self._image_input: stacked, self._feature_input: repeated})
         output = np.asarray(output, dtype=np.float64)
         if self.outputs_probabilities:
             output = np.log(np.clip(output, 1e-12, None))  # softmax(log p / T) == softmax(z / T)
-        return output.reshape(len(images), n_views, -1)
+        embedding = np.asarray(embedding, dtype=np.float64).reshape(len(images), n_views, -1).mean(axis=1)
+        return output.reshape(len(images), n_views, -1), embedding
 
-    def iter_view_logits(
+    def iter_scored(
         self, paths: Iterable[str | os.PathLike[str]], batch_size: int = 32, tta: bool = True
-    ) -> Iterator[tuple[str, FileFingerprint | None, np.ndarray | None, str | None]]:
-        """(path, fingerprint, view logits or None, error or None) per path, in input order.
+    ) -> Iterator[ScoredFile]:
+        """Raw model outputs per path, in input order (calibration and evaluation build on this).
 
         Decoding runs in a thread pool ahead of inference through a bounded
         window of ``2 * batch_size`` files: memory is O(batch), not O(files).
@@ -335,7 +409,7 @@ class ClassifierService:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         window: collections.deque[Future] = collections.deque()
-        pending: list[tuple[str, FileFingerprint | None, data_loader.Sample | None, str | None]] = []
+        pending: list[_Loaded] = []
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
             path_iter = iter(paths)
             for path in path_iter:
@@ -347,54 +421,57 @@ class ClassifierService:
                 next_path = next(path_iter, None)
                 if next_path is not None:
                     window.append(pool.submit(self._load_one, str(next_path)))
-                if sum(item[2] is not None for item in pending) >= batch_size or not window:
-                    yield from self._flush(pending, tta)
+                if sum(item.sample is not None for item in pending) >= batch_size or not window:
+                    yield from self._score(pending, tta)
                     pending = []
 
-    def _flush(self, pending: list, tta: bool) -> Iterator[tuple[str, FileFingerprint | None, np.ndarray | None,
-                                                                  str | None]]:
-        good = [item for item in pending if item[2] is not None]
-        logits = iter(())
+    def _score(self, pending: list[_Loaded], tta: bool) -> Iterator[ScoredFile]:
+        good = [item.sample for item in pending if item.sample is not None]
+        outputs: Iterator[tuple[np.ndarray, np.ndarray]] = iter(())
         if good:
-            images = np.stack([item[2].image for item in good])
-            features = np.stack([item[2].features for item in good])
-            logits = iter(self._view_logits(images, features, tta))
-        for path, fingerprint, sample, error in pending:
-            yield path, fingerprint, (next(logits) if sample is not None else None), error
+            logits, embeddings = self._forward(np.stack([s.image for s in good]),
+                                               np.stack([s.features for s in good]), tta)
+            outputs = zip(logits, embeddings)
+        for item in pending:
+            logits_one, embedding_one = next(outputs) if item.sample is not None else (None, None)
+            yield ScoredFile(item.path, item.fingerprint, logits_one, embedding_one, item.error)
 
-    def _load_one(self, path: str) -> tuple[str, FileFingerprint | None, data_loader.Sample | None, str | None]:
+    def _load_one(self, path: str) -> _Loaded:
         fingerprint = FileFingerprint.of(path)
         try:
-            sample = data_loader.load_sample(path, self.scaler, hdu=self.hdu, max_pixels=self.max_pixels)
+            return _Loaded(path, fingerprint, data_loader.load_sample(path, self.scaler, hdu=self.hdu,
+                                                                      max_pixels=self.max_pixels), None)
         except data_loader.ImageLoadError as exc:
             logger.warning("%s", exc)
-            return path, fingerprint, None, exc.cause
+            return _Loaded(path, fingerprint, None, exc.cause)
         except MemoryError:
             logger.error("%s: out of memory while decoding", path)
-            return path, fingerprint, None, "out of memory while decoding"
+            return _Loaded(path, fingerprint, None, "out of memory while decoding")
         except Exception as exc:  # a bad file must never cost another file its result
             logger.exception("%s: unexpected error while loading", path)
-            return path, fingerprint, None, f"unexpected {type(exc).__name__}: {exc}"
-        return path, fingerprint, sample, None
+            return _Loaded(path, fingerprint, None, f"unexpected {type(exc).__name__}: {exc}")
 
     # ------------------------------------------------------------------ postprocess
 
-    def calibrated_probs(self, view_logits: np.ndarray, temperature: float) -> np.ndarray:
-        """Mean over views of softmax(logits / T): (..., V, K) -> (..., K)."""
-        return calibrated_probs(view_logits, temperature)
-
-    def _record(self, path: str, fingerprint: FileFingerprint | None, view_logits: np.ndarray | None,
-                error: str | None, tta: bool, temperature: float, abstain: bool) -> PredictionRecord:
-        if view_logits is None:
-            return PredictionRecord.failure(path, error or "unknown error", fingerprint)
-        probs = calibrated_probs(view_logits, temperature)
+    def _record(self, scored: ScoredFile, tta: bool, temperature: float, abstain: bool) -> PredictionRecord:
+        fingerprint = scored.fingerprint
+        if scored.view_logits is None:
+            return PredictionRecord.failure(scored.path, scored.error or "unknown error", fingerprint)
+        probs = calibrated_probs(scored.view_logits, temperature)
         top = int(np.argmax(probs))
         top_class = self.class_names[top]
         score = float(probs[top])
-        abstained = bool(abstain and score < self.operating_point.thresholds[tta][top_class])
+        reason = None
+        if abstain:
+            gate = self.operating_point.ood_gate
+            if gate is not None and gate.is_outside(scored.embedding[None])[0]:
+                reason = "out_of_distribution"
+            elif score < self.operating_point.thresholds[tta][top_class]:
+                reason = "low_score"
         return PredictionRecord(
-            path=path, label=UNKNOWN if abstained else top_class, score=round(score, 6), top_class=top_class,
-            abstained=abstained, probs={name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
+            path=scored.path, label=UNKNOWN if reason else top_class, score=round(score, 6), top_class=top_class,
+            abstained=reason is not None, abstain_reason=reason,
+            probs={name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
             timestamp=utc_now(), fingerprint=fingerprint.value if fingerprint else None,
             size=fingerprint.size if fingerprint else None,
             mtime=fingerprint.mtime_ns / 1e9 if fingerprint else None, error=None,
@@ -420,8 +497,8 @@ class ClassifierService:
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self._warn_off_calibration(tta, temperature)
-        for path, fingerprint, logits, error in self.iter_view_logits(paths, batch_size, tta):
-            yield self._record(path, fingerprint, logits, error, tta, temperature, abstain)
+        for scored in self.iter_scored(paths, batch_size, tta):
+            yield self._record(scored, tta, temperature, abstain)
 
     def predict_paths(
         self,
@@ -454,11 +531,10 @@ class ClassifierService:
             pending = []
             for name, image in zip(names[start:start + batch_size], images[start:start + batch_size]):
                 try:
-                    pending.append((name, None, data_loader.sample_from_array(image, self.scaler), None))
+                    pending.append(_Loaded(name, None, data_loader.sample_from_array(image, self.scaler), None))
                 except ValueError as exc:
-                    pending.append((name, None, None, str(exc)))
-            for name, _, logits, error in self._flush(pending, tta):
-                records.append(self._record(name, None, logits, error, tta, temperature, abstain))
+                    pending.append(_Loaded(name, None, None, str(exc)))
+            records += [self._record(scored, tta, temperature, abstain) for scored in self._score(pending, tta)]
         return records
 
 
@@ -469,6 +545,14 @@ def calibrated_probs(view_logits: np.ndarray, temperature: float) -> np.ndarray:
     probs = np.exp(scaled)
     probs /= probs.sum(axis=-1, keepdims=True)
     return probs.mean(axis=-2)
+
+
+def _embedding_tensor(model: Any) -> Any:
+    """The input of the last layer that has weights (the final Dense): the model's embedding."""
+    for layer in reversed(model.layers):
+        if layer.weights:
+            return layer.input
+    raise ArtifactError("the model has no layer with weights")
 
 
 def _ends_in_softmax(model: Any) -> bool:
@@ -764,6 +848,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="thresholds file to take class names from when --class_names is not given")
     cal.add_argument("--temperature", type=_positive_float, default=DEFAULT_TEMPERATURE)
     cal.add_argument("--target_precision", "--target-precision", type=float, default=0.95)
+    cal.add_argument("--ood_quantile", "--ood-quantile", type=float, default=0.99,
+                     help="calibration quantile of embedding distance beyond which files abstain (0: no gate)")
     cal.add_argument("--output", type=Path, default=DEFAULT_THRESHOLDS_PATH)
     cal.add_argument("--batch_size", "--batch-size", type=_positive_int, default=32)
     _add_artifact_args(cal, thresholds=False)

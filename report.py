@@ -73,6 +73,7 @@ class PredictionRecord:
     mtime: float | None
     error: str | None
     reused: bool = False
+    abstain_reason: str | None = None  # "low_score" or "out_of_distribution" when abstained
 
     @classmethod
     def failure(cls, path: str, error: str, fingerprint: FileFingerprint | None) -> PredictionRecord:
@@ -89,6 +90,7 @@ class PredictionRecord:
             "score": self.score,
             "top_class": self.top_class,
             "abstained": self.abstained,
+            "abstain_reason": self.abstain_reason,
             **({"probs": self.probs} if include_probs else {}),
             "timestamp": self.timestamp,
             "fingerprint": self.fingerprint,
@@ -97,13 +99,6 @@ class PredictionRecord:
             "error": self.error,
             "reused": self.reused,
         }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PredictionRecord:
-        return cls(path=data["path"], label=data["class"], score=data["score"], top_class=data["top_class"],
-                   abstained=data["abstained"], probs=data.get("probs"), timestamp=data["timestamp"],
-                   fingerprint=data["fingerprint"], size=data["size"], mtime=data["mtime"], error=data["error"],
-                   reused=bool(data.get("reused", False)))
 
 
 @dataclass

@@ -58,11 +58,11 @@ def decode_rate(service: ir.ClassifierService, paths: list[Path]) -> float:
 def model_rate(service: ir.ClassifierService, sample: data_loader.Sample, files: int, batch: int, tta: bool) -> float:
     images = np.repeat(sample.image[None], batch, axis=0)
     features = np.repeat(sample.features[None], batch, axis=0)
-    service._view_logits(images, features, tta)  # trace once
+    service._forward(images, features, tta)  # trace once
     started = time.perf_counter()
     done = 0
     while done < files:
-        service._view_logits(images, features, tta)
+        service._forward(images, features, tta)
         done += batch
     return rate(done, time.perf_counter() - started)
 

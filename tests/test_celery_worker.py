@@ -54,7 +54,8 @@ def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, t
         name = CLASS_NAMES[index % 5]
         directory = archive / f"night{index % 3}"
         directory.mkdir(parents=True, exist_ok=True)
-        write_frame(render_frame(name, index, 128), directory / f"{name}_{index}", ("fits_int16", "tiff_uint16")[index % 2])
+        variant = ("fits_int16", "tiff_uint16")[index % 2]
+        write_frame(render_frame(name, index, 128), directory / f"{name}_{index}", variant)
     db = tmp_path / "db.sqlite3"
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{db}", "ARCHIVE_ROOTS": str(archive),
            "CLASSIFIER_MODEL": str(tiny_artifacts["model"]), "CLASSIFIER_SCALER": str(tiny_artifacts["scaler"]),

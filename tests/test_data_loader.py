@@ -350,7 +350,7 @@ def test_scaler_feature_count_mismatch_is_clear(tmp_path: Path) -> None:
 
     wrong = StandardScaler().fit(np.zeros((4, dl.N_FEATURES + 2)))
     joblib.dump(wrong, tmp_path / "wrong.joblib")
-    with pytest.raises(dl.FeatureMismatchError, match="fitted on 16 features"):
+    with pytest.raises(dl.FeatureMismatchError, match=f"fitted on {dl.N_FEATURES + 2} features"):
         dl.load_scaler(tmp_path / "wrong.joblib")
     with pytest.raises(dl.FeatureMismatchError):
         dl.apply_scaler(np.zeros(dl.N_FEATURES), wrong)

@@ -26,7 +26,7 @@ class ArchiveFile(models.Model):
     objects = ArchiveFileQuerySet.as_manager()
 
     class Meta:
-        indexes = [models.Index(fields=["classified_fingerprint"]), models.Index(fields=["label"])]
+        indexes = (models.Index(fields=["classified_fingerprint"]), models.Index(fields=["label"]))
 
     def __str__(self) -> str:
         return f"{self.path} [{self.label or 'unclassified'}]"

@@ -21,7 +21,7 @@ from training.tiny import make_tiny_artifacts
 ARTIFACTS: dict[str, Path] = {}
 
 
-def setUpModule() -> None:  # noqa: N802 - unittest's name
+def setUpModule() -> None:
     ARTIFACTS.update(make_tiny_artifacts(Path(tempfile.mkdtemp(prefix="tiny-model-"))))
 
 

@@ -29,7 +29,6 @@ DATABASES = {"default": dj_database_url.parse(os.environ.get("DATABASE_URL", f"s
 if DATABASES["default"]["ENGINE"].endswith("sqlite3"):
     # Workers and web processes share one file: wait for the writer instead of failing at once.
     DATABASES["default"].setdefault("OPTIONS", {})["timeout"] = 30
-    DATABASES["default"]["TEST"] = {"NAME": os.environ.get("DJANGO_TEST_DB")} if os.environ.get("DJANGO_TEST_DB") else {}
 
 ARCHIVE_ROOTS = [Path(p).resolve() for p in os.environ.get("ARCHIVE_ROOTS", "").split(":") if p]
 
