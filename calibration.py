@@ -277,12 +277,11 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
                     "fitted_temperature_value": fitted},
         }
         if ood is not None:
-            ood_logits = ood if tta else ood[:, :1]
-            ood_probs = ir.calibrated_probs(ood_logits, temperature)
-            top = ood_probs.argmax(axis=1)
-            cut = np.array([op.thresholds[tta][names[t]] for t in top])
-            result[key]["ood"] = {"n": len(ood_probs),
-                                  "abstained_fraction": float((ood_probs.max(axis=1) < cut).mean())}
+            ood_probs = ir.calibrated_probs(ood.for_tta(tta), temperature)
+            by_score = ~accepted_mask(ood_probs, names, op.thresholds[tta])
+            by_both = ~accepted_mask(ood_probs, names, op.thresholds[tta], _inside(op.ood_gate, ood.embeddings))
+            result[key]["ood"] = {"n": len(ood_probs), "abstained_fraction": float(by_both.mean()),
+                                  "abstained_fraction_thresholds_only": float(by_score.mean())}
     return result
 
 

@@ -1,0 +1,133 @@
+"""Operating point: temperature fit, per-class thresholds, OOD gate, calibrate/evaluate commands, training smoke."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import calibration
+import inference_runner as ir
+from training.simulator import CLASS_NAMES
+from training.train import write_labelled_directory
+
+
+def test_precision_threshold_is_the_lowest_cut_that_holds_for_every_stricter_cut() -> None:
+    scores = np.array([0.99, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6, 0.5])
+    correct = np.array([1, 1, 1, 0, 1, 1, 0, 0], dtype=bool)
+    # precision from the top: 1, 1, 1, .75, .8, .83, .71, .625
+    assert calibration.precision_threshold(scores, correct, 0.95) == 0.9
+    assert calibration.precision_threshold(scores, correct, 0.75) == 0.7
+    assert calibration.precision_threshold(scores, correct, 0.6) == 0.5
+    assert calibration.precision_threshold(scores[:0], correct[:0], 0.9) > 1.0
+    assert calibration.precision_threshold(np.array([0.9, 0.8]), np.array([False, True]), 0.95) > 1.0
+
+
+def test_precision_threshold_never_splits_ties() -> None:
+    scores = np.array([0.9, 0.8, 0.8, 0.8])
+    correct = np.array([True, True, False, False])
+    assert calibration.precision_threshold(scores, correct, 0.9) == 0.9
+
+
+def test_fit_temperature_recovers_the_true_temperature() -> None:
+    rng = np.random.default_rng(0)
+    logits = rng.normal(0, 3, (4000, 1, 5))
+    true_t = 1.8
+    probs = ir.calibrated_probs(logits, true_t)
+    labels = np.array([rng.choice(5, p=p) for p in probs])
+    assert calibration.fit_temperature(logits, labels) == pytest.approx(true_t, rel=0.1)
+    before = calibration.expected_calibration_error(ir.calibrated_probs(logits, 1.0), labels)
+    after = calibration.expected_calibration_error(probs, labels)
+    assert after < before and after < 0.03
+
+
+def test_ood_gate_flags_far_points_at_the_chosen_quantile() -> None:
+    rng = np.random.default_rng(1)
+    centres = rng.normal(0, 10, (3, 8))
+    labels = rng.integers(0, 3, 3000)
+    embeddings = centres[labels] + rng.normal(0, 1, (3000, 8))
+    gate = ir.OodGate.fit(embeddings, labels, quantile=0.99)
+    assert gate.is_outside(embeddings).mean() == pytest.approx(0.01, abs=0.005)
+    far = rng.normal(0, 1, (200, 8)) + 60
+    assert gate.is_outside(far).all()
+    fresh = centres[labels[:500]] + rng.normal(0, 1, (500, 8))
+    assert gate.is_outside(fresh).mean() < 0.03
+    restored = ir.OodGate.from_json(json.loads(json.dumps(gate.to_json())))
+    np.testing.assert_allclose(restored.distance(far), gate.distance(far))
+
+
+def test_gate_abstains_with_its_reason(tiny_artifacts: dict[str, Path], tmp_path: Path, mixed_dir: Path) -> None:
+    document = json.loads(tiny_artifacts["thresholds"].read_text())
+    service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
+    width = service._forward_model.outputs[1].shape[-1]
+    document["ood_gate"] = ir.OodGate(np.zeros((5, width)), np.eye(width), -1.0, 0.99).to_json()  # all outside
+    gated = tmp_path / "gated.json"
+    gated.write_text(json.dumps(document))
+    gated_service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], gated)
+    records = [r for r in gated_service.predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
+    assert records and all(r.abstained and r.abstain_reason == "out_of_distribution" for r in records)
+    assert all(r.label == "unknown" and r.top_class in CLASS_NAMES for r in records)
+    plain = [r for r in service.predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
+    assert {r.abstain_reason for r in plain} <= {None, "low_score"}
+
+
+def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Path], tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture) -> None:
+    labelled = write_labelled_directory(tmp_path / "labelled", per_class=4, seed=9, workers=1)
+    (labelled / "galaxy" / "broken.fits").write_text("not fits")
+    output = tmp_path / "thresholds.json"
+    artifacts = ["--model_path", str(tiny_artifacts["model"]), "--scaler_path", str(tiny_artifacts["scaler"])]
+    assert ir.main(["calibrate", "--labelled_dir", str(labelled), "--class_names", ",".join(CLASS_NAMES),
+                    "--output", str(output), "--quiet", *artifacts]) == 0
+    document = json.loads(output.read_text())
+    assert document["class_names"] == list(CLASS_NAMES) and document["temperature"] == 0.7
+    assert document["model_sha256"] == ir.sha256_of(tiny_artifacts["model"])
+    assert document["calibration_data"] == {"n_files": 20, "n_failed": 1, "per_class": dict.fromkeys(CLASS_NAMES, 4)}
+    for key in ("tta", "no_tta"):
+        validation = document["operating_points"][key]["validation"]
+        assert set(validation["per_class"]) == set(CLASS_NAMES)
+        for name, figures in validation["per_class"].items():
+            assert figures["precision"] is None or figures["precision"] >= 0.95, name
+    assert document["ood_gate"]["kind"] == "mahalanobis_embedding"
+    service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], output)
+    assert service.operating_point.ood_gate is not None
+
+    out_dir = tmp_path / "eval"
+    assert ir.main(["evaluate", "--labelled_dir", str(labelled), "--ood_dir", str(labelled / "nebula"),
+                    "--thresholds", str(output), "--output_dir", str(out_dir), "--quiet", *artifacts]) == 0
+    result = json.loads((out_dir / "evaluation.json").read_text())
+    assert result["tta"]["n"] == 20 and len(result["tta"]["confusion_matrix"]["counts"]) == 5
+    assert sum(map(sum, result["tta"]["confusion_matrix"]["counts"])) == 20
+    assert 0 <= result["tta"]["ood"]["abstained_fraction"] <= 1
+    for plot in ("reliability.png", "risk_coverage.png", "confusion_matrix.png"):
+        assert (out_dir / plot).read_bytes()[:4] == b"\x89PNG"
+    assert "top-1" in capsys.readouterr().out
+
+
+def test_calibrate_refuses_a_directory_without_class_folders(tiny_artifacts: dict[str, Path], tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    code = ir.main(["calibrate", "--labelled_dir", str(tmp_path / "empty"), "--class_names", "a,b,c,d,e",
+                    "--model_path", str(tiny_artifacts["model"]), "--scaler_path", str(tiny_artifacts["scaler"]),
+                    "--output", str(tmp_path / "t.json"), "--quiet"])
+    assert code == ir.EXIT_ARTIFACTS and not (tmp_path / "t.json").exists()
+
+
+def test_training_smoke_run_produces_a_servable_model(tmp_path: Path) -> None:
+    import joblib
+
+    from training.train import build_dataset, fit_scaler, rand_augment, train_model
+
+    data = build_dataset(per_class=6, seed=11, workers=1)
+    assert data.images.shape == (30, 448, 448) and data.images.dtype == np.float16
+    augmented = rand_augment(data.images[:4], np.random.default_rng(0))
+    assert augmented.shape == (4, 448, 448) and 0 <= augmented.min() and augmented.max() <= 1
+    scaler = fit_scaler(data.features)
+    model = train_model(data, scaler, epochs=1, batch_size=8)
+    model.save(tmp_path / "m.keras")
+    joblib.dump(scaler, tmp_path / "s.joblib")
+    service = ir.ClassifierService(tmp_path / "m.keras", tmp_path / "s.joblib",
+                                   operating_point=ir.OperatingPoint.uncalibrated(CLASS_NAMES))
+    record = service.predict_arrays([data.images[0].astype(np.float32)])[0]
+    assert record.error is None and record.top_class in CLASS_NAMES
