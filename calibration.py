@@ -175,7 +175,7 @@ def confusion_matrix(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str
 
 
 def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: float,
-              target_precision: float, ood_quantile: float | None = 0.99) -> dict[str, Any]:
+              target_precision: float, ood_quantile: float | None = 0.95) -> dict[str, Any]:
     """The thresholds document (see README 'Operating point') for ``service``'s model and scaler.
 
     Thresholds are chosen on the files inside the OOD gate (fitted first on the

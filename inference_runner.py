@@ -848,7 +848,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="thresholds file to take class names from when --class_names is not given")
     cal.add_argument("--temperature", type=_positive_float, default=DEFAULT_TEMPERATURE)
     cal.add_argument("--target_precision", "--target-precision", type=float, default=0.95)
-    cal.add_argument("--ood_quantile", "--ood-quantile", type=float, default=0.99,
+    cal.add_argument("--ood_quantile", "--ood-quantile", type=float, default=0.95,
                      help="calibration quantile of embedding distance beyond which files abstain (0: no gate)")
     cal.add_argument("--output", type=Path, default=DEFAULT_THRESHOLDS_PATH)
     cal.add_argument("--batch_size", "--batch-size", type=_positive_int, default=32)

@@ -166,6 +166,9 @@ class AtomicWriter:
 
     def __enter__(self) -> io.TextIOWrapper:
         fd, self._temp_name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report should get the usual permissions
         self._handle = os.fdopen(fd, "w", encoding="utf-8")
         return self._handle
 

@@ -232,9 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="where the model, scaler and thresholds go (default: the repo root)")
     parser.add_argument("--per-class", type=int, default=700, help="training frames per class")
-    parser.add_argument("--calibration-per-class", type=int, default=120)
-    parser.add_argument("--test-per-class", type=int, default=120)
-    parser.add_argument("--epochs", type=int, default=12)
+    parser.add_argument("--calibration-per-class", type=int, default=300)
+    parser.add_argument("--test-per-class", type=int, default=200)
+    parser.add_argument("--epochs", type=int, default=16)
     parser.add_argument("--width", type=int, default=1, help="channel multiplier of the CNN")
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps the labelled directories (default: temp)")
     parser.add_argument("--cache", type=Path, default=None,
