@@ -6,7 +6,8 @@
 Each variant runs in a fresh subprocess so peak RSS belongs to it alone. Files
 are read once first so they sit in the page cache (the issue's conditions).
 "Extra memory" is peak RSS during one load_sample minus RSS before it, as a
-multiple of the decoded float32 plane (H x W x 4 bytes).
+multiple of the decoded float32 plane (H x W x 4 bytes); it includes the
+memory-mapped file pages the read touches.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -73,18 +73,29 @@ def measure(path: str, size: int, repeats: int, tuned: bool) -> dict:
 
 
 def measure_memory(path: str, size: int) -> float:
-    """Peak extra RSS of one load_sample in a fresh process (allocator not yet warmed by this file)."""
-    data_loader.tune_malloc()
-    small = Path(path).with_name("warm.fits")
-    from astropy.io import fits
+    """Peak RSS during one load_sample minus RSS before it, over the decoded plane (H x W x 4 bytes).
 
-    fits.PrimaryHDU(np.random.default_rng(0).random((64, 64), dtype=np.float32)).writeto(small, overwrite=True)
-    data_loader.load_sample(small)
+    The kernel's peak-RSS mark is reset first (/proc/self/clear_refs), so the
+    peak of the imports does not hide the call's own.
+    """
+    data_loader.tune_malloc()
+    warm = Path(path).with_name("warm" + "".join(Path(path).suffixes))
+    make_file(warm.parent, *_variant_of(path), 64).rename(warm)
+    data_loader.load_sample(warm)  # same reader, codecs and allocator paths, tiny file
     before = rss_kib()
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
     data_loader.load_sample(path)
-    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, peak_before)
-    return (peak - before) * 1024 / (size * size * 4)
+    return (peak_rss_kib() - before) * 1024 / (size * size * 4)
+
+
+def _variant_of(path: str) -> tuple[str]:
+    return (Path(path).name.split("_2048")[0].split("_4096")[0],)
+
+
+def peak_rss_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmHWM"))
 
 
 def child(args: argparse.Namespace) -> None:
