@@ -320,6 +320,7 @@ class ClassifierService:
         self.operating_point = operating_point or OperatingPoint.load(self.thresholds_path)
         self.model_sha256 = sha256_of(self.model_path)
         self.scaler_sha256 = sha256_of(self.scaler_path)
+        self.thresholds_sha256 = sha256_of(self.thresholds_path) if self.thresholds_path else None
         _check_pinned("model", self.model_path, self.operating_point.model_sha256, self.model_sha256, allow_mismatch)
         _check_pinned("scaler", self.scaler_path, self.operating_point.scaler_sha256, self.scaler_sha256,
                       allow_mismatch)
@@ -477,7 +478,13 @@ class ClassifierService:
             mtime=fingerprint.mtime_ns / 1e9 if fingerprint else None, error=None,
         )
 
-    def _warn_off_calibration(self, tta: bool, temperature: float) -> None:
+    def _check_temperature(self, temperature: float) -> None:
+        """Refuse a non-positive temperature; warn about one the thresholds were not calibrated at.
+
+        (TTA on and off each have their own calibrated thresholds, so either setting is calibrated.)
+        """
+        if not temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {temperature}")
         calibrated = self.operating_point.temperature
         if abs(temperature - calibrated) > 1e-9:
             logger.warning("temperature %.3g differs from the calibrated %.3g: thresholds may not hold their "
@@ -494,9 +501,7 @@ class ClassifierService:
         abstain: bool = True,
     ) -> Iterator[PredictionRecord]:
         """Stream one :class:`PredictionRecord` per path, in input order (generator form of predict_paths)."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        self._warn_off_calibration(tta, temperature)
+        self._check_temperature(temperature)
         for scored in self.iter_scored(paths, batch_size, tta):
             yield self._record(scored, tta, temperature, abstain)
 
@@ -521,8 +526,7 @@ class ClassifierService:
         names: Sequence[str] | None = None,
     ) -> list[PredictionRecord]:
         """Classify 2-D pixel arrays already in memory through the same preprocessing as files."""
-        if not temperature > 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
+        self._check_temperature(temperature)
         names = list(names) if names is not None else [f"<array {i}>" for i in range(len(images))]
         if len(names) != len(images):
             raise ValueError(f"got {len(names)} names for {len(images)} images")
@@ -622,25 +626,30 @@ class RunOptions:
 def _run_key(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
     """What must be equal for a checkpoint to be resumed."""
     return {"input_dir": str(options.input_dir), "model_sha256": service.model_sha256,
-            "scaler_sha256": service.scaler_sha256, "thresholds": service.operating_point.thresholds[options.tta],
+            "scaler_sha256": service.scaler_sha256, "thresholds_sha256": service.thresholds_sha256,
+            "thresholds": service.operating_point.thresholds[options.tta],
             "temperature": options.temperature, "tta": options.tta, "abstain": options.abstain,
             "shard": list(options.shard) if options.shard else None}
 
 
-def _previous_records(path: Path | None, run_key: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """Records of an earlier report that may be carried over: same model, scaler and operating point."""
+def _previous_records(path: Path | None, run_key: dict[str, Any], need_probs: bool) -> dict[str, dict[str, Any]]:
+    """Records of an earlier report that may be carried over: same model, scaler and operating point.
+
+    Failed files are always redone; so are files without probabilities when this run reports them.
+    """
     if path is None:
         return {}
     meta, records = read_report(path)
     same = (meta.get("model", {}).get("sha256") == run_key["model_sha256"]
             and meta.get("scaler", {}).get("sha256") == run_key["scaler_sha256"]
+            and meta.get("thresholds_sha256") == run_key["thresholds_sha256"]
             and meta.get("operating_point") == {k: run_key[k] for k in ("thresholds", "temperature", "tta",
                                                                          "abstain")})
     if not same:
         logger.warning("%s: made with another model or operating point; nothing is reused", path)
         return {}
     return {record["path"]: record for record in records
-            if record["error"] is None and record.get("probs") is not None}
+            if record["error"] is None and (record.get("probs") is not None or not need_probs)}
 
 
 def _progress_bar(enabled: bool, root: Path, shard: tuple[int, int] | None):
@@ -667,7 +676,7 @@ def run_filesystem(service: ClassifierService, options: RunOptions) -> tuple[Cou
         raise CheckpointError(f"{journal_path}: an interrupted run left this checkpoint; rerun with --resume "
                               f"to continue it, or delete it to start over")
     done = journal.done_fingerprints() if options.resume else {}
-    previous = _previous_records(options.previous_report, run_key)
+    previous = _previous_records(options.previous_report, run_key, options.include_probs)
     started_at = journal.first_started_at() or utc_now()
     journal.open_session(utc_now())
     bar = _progress_bar(options.progress, options.input_dir, options.shard)
@@ -757,6 +766,7 @@ def _report_meta(service: ClassifierService, options: RunOptions, started_at: st
         "model": {"path": str(service.model_path), "sha256": service.model_sha256},
         "scaler": {"path": str(service.scaler_path), "sha256": service.scaler_sha256},
         "thresholds_file": str(service.thresholds_path) if service.thresholds_path else None,
+        "thresholds_sha256": service.thresholds_sha256,
         "class_names": list(op.class_names),
         "operating_point": {"thresholds": op.thresholds[options.tta], "temperature": options.temperature,
                             "tta": options.tta, "abstain": options.abstain},

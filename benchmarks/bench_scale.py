@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,19 +25,26 @@ sys.path.insert(0, str(ROOT))
 from training.simulator import render_frame, write_frame  # noqa: E402
 
 
+LINKS_PER_TEMPLATE = 50_000  # ext4 allows 65,000 links to one inode
+
+
 def make_tree(root: Path, count: int, template: Path) -> Path:
     root.mkdir(parents=True)
+    source = template
     for index in range(count):
         directory = root / f"night{index // 1000:04d}"
         if index % 1000 == 0:
             directory.mkdir()
-        os.link(template, directory / f"frame{index:07d}.fits")
+        if index % LINKS_PER_TEMPLATE == 0:
+            source = root / f"template{index // LINKS_PER_TEMPLATE}{template.suffix}"
+            shutil.copy(template, source)
+        os.link(source, directory / f"frame{index:07d}.fits")
     return root
 
 
 def command(tree: Path, output: Path) -> list[str]:
     return [sys.executable, str(ROOT / "inference_runner.py"), "filesystem", "--input_dir", str(tree),
-            "--output_json", str(output), "--quiet", "--batch_size", "64"]
+            "--output_json", str(output), "--quiet"]
 
 
 def run_for_peak_rss(tree: Path, output: Path) -> tuple[float, float]:

@@ -172,7 +172,7 @@ def test_previous_report_reuses_unchanged_files(tiny_artifacts: dict[str, Path],
                                                 tmp_path: Path) -> None:
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     base = ["filesystem", "--input_dir", str(many_files), "--quiet", *artifact_args(tiny_artifacts)]
-    assert ir.main([*base, "--output_json", str(first), "--include-probs"]) == 0
+    assert ir.main([*base, "--output_json", str(first)]) == 0
     changed = sorted(many_files.rglob("*.fit"))[0]
     write_frame(render_frame("galaxy", 999, 128), changed.with_suffix(""), "fits_int16")
     (many_files / "d0" / "new.fits").write_bytes(changed.read_bytes())
@@ -187,6 +187,9 @@ def test_previous_report_reuses_unchanged_files(tiny_artifacts: dict[str, Path],
     for record in document["results"]:
         if record["reused"]:
             assert record["class"] == old[record["path"]]["class"]
+    with_probs = tmp_path / "with_probs.json"
+    assert ir.main([*base, "--output_json", str(with_probs), "--previous_report", str(first), "--include-probs"]) == 0
+    assert json.loads(with_probs.read_text())["meta"]["counts"]["reused"] == 0, "old records lack probabilities"
     other_temperature = tmp_path / "third.json"
     assert ir.main([*base, "--output_json", str(other_temperature), "--previous_report", str(first),
                     "--temperature", "1.0"]) == 0
