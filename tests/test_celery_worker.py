@@ -113,5 +113,6 @@ def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, t
     assert "SIGKILL" in log_text or "WorkerLostError" in log_text, log_text[-4000:]
     loads = [line for line in log_text.splitlines() if "classifier loaded in process" in line]
     pids = [line.split("process ")[1].split()[0] for line in loads]
-    assert len(pids) == len(set(pids)) >= 2, "the model is loaded once per child process, never twice"
+    # the victim may die before its load is logged, and its replacement may find the queue empty
+    assert len(pids) == len(set(pids)) >= 1, "the model is loaded once per child process, never twice"
     assert str(worker.pid) not in pids, "never loaded in the prefork parent"

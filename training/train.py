@@ -1,6 +1,6 @@
 """Regenerate the shipped model, scaler and operating point from scratch.
 
-    python -m training.train                      # full recipe (about 25 min on 2 cores)
+    python -m training.train                      # full recipe (about 15 min on 2 cores)
     python -m training.train --per-class 12 --epochs 1 --out /tmp/tiny   # smoke run
 
 Steps: simulate labelled frames and write them as real archive files, read
