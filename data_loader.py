@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
 import os
 import warnings
@@ -502,21 +503,33 @@ def _difference_sigma(image: np.ndarray) -> float:
     return float(np.median(differences)) / 0.6745 * 2.0 / np.sqrt(2.0)
 
 
-def _psd_slope(image: np.ndarray) -> float:
-    """Slope of log radial power vs log frequency (textures: noise ~0, diffuse nebulae steep)."""
-    n = image.shape[0]
-    # the full (not real-half) plane: every ring is symmetric, so flips and rotations give the same slope
-    power = np.abs(np.fft.fft2(image - image.mean())) ** 2
+@functools.lru_cache(maxsize=4)
+def _radial_bins(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For an n x n FFT: each frequency's ring index (-1 = unused), log10 ring radius, and ring sizes."""
     radius = np.hypot(np.fft.fftfreq(n)[None, :], np.fft.fftfreq(n)[:, None]) * n
     edges = np.arange(2, n // 2 - 4)
-    which = np.digitize(radius.ravel(), edges)
-    sums = np.bincount(which, weights=power.ravel(), minlength=len(edges) + 1)[1 : len(edges)]
-    counts = np.bincount(which, minlength=len(edges) + 1)[1 : len(edges)]
+    ring = np.digitize(radius.ravel(), edges) - 1  # ring k spans [edges[k], edges[k+1])
+    ring[(ring < 0) | (ring >= len(edges) - 1)] = -1
+    counts = np.bincount(ring[ring >= 0], minlength=len(edges) - 1).astype(np.float64)
+    return ring, np.log10(edges[:-1] + 0.5), counts
+
+
+def _psd_slope(image: np.ndarray) -> float:
+    """Slope of log radial power vs log frequency (textures: noise ~0, diffuse nebulae steep).
+
+    Uses the full (not real-half) plane: every ring is symmetric, so flips and
+    rotations give the same slope. Ring geometry is cached per size.
+    """
+    ring, log_k, counts = _radial_bins(image.shape[0])
+    power = np.abs(np.fft.fft2(image - image.mean())).ravel() ** 2
+    used = ring >= 0
+    sums = np.bincount(ring[used], weights=power[used], minlength=len(counts))
     valid = (counts > 0) & (sums > 0)
     if valid.sum() < 3:
         return 0.0
-    k = (edges[:-1] + 0.5)[valid]
-    return float(np.polyfit(np.log10(k), np.log10(sums[valid] / counts[valid]), 1)[0])
+    x, y = log_k[valid], np.log10(sums[valid] / counts[valid])
+    x_centred = x - x.mean()
+    return float(x_centred @ (y - y.mean()) / (x_centred @ x_centred))
 
 
 def extract_features(small: np.ndarray, percentiles: dict[float, float] | None = None) -> np.ndarray:

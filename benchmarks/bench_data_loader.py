@@ -60,7 +60,7 @@ def measure(path: str, size: int, repeats: int, tuned: bool) -> dict:
         started = time.perf_counter()
         data_loader.load_sample(path)
         times.append(time.perf_counter() - started)
-    n = max(8, repeats)
+    n = max(64, 4 * repeats)  # enough work that pool start-up and the last straggler do not dominate
     started = time.perf_counter()
     for _ in range(n):
         data_loader.load_sample(path)

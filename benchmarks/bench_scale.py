@@ -24,7 +24,6 @@ sys.path.insert(0, str(ROOT))
 
 from training.simulator import render_frame, write_frame  # noqa: E402
 
-
 LINKS_PER_TEMPLATE = 50_000  # ext4 allows 65,000 links to one inode
 
 
