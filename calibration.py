@@ -229,7 +229,7 @@ def _class_names_for(args: argparse.Namespace) -> list[str]:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     try:
         names = _class_names_for(args)
-        service = ir._service_from_args(args, operating_point=ir.OperatingPoint.uncalibrated(names))
+        service = ir.service_from_args(args, operating_point=ir.OperatingPoint.uncalibrated(names))
         files = labelled_files(args.labelled_dir, names)
     except (ir.ArtifactError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -287,7 +287,7 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     try:
-        service = ir._service_from_args(args)
+        service = ir.service_from_args(args)
         files = labelled_files(args.labelled_dir, service.class_names)
     except (ir.ArtifactError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)

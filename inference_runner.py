@@ -52,7 +52,6 @@ DEFAULT_MODEL_PATH = HERE / "multimodal_classifier_mixup_warmup_randaug_2.keras"
 DEFAULT_SCALER_PATH = HERE / "feature_scaler.joblib"
 DEFAULT_THRESHOLDS_PATH = HERE / "thresholds_prod_precision.json"
 DEFAULT_TEMPERATURE = 0.7
-TTA_VIEWS = 4  # identity, left-right flip, up-down flip, 180-degree rotation
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_ARTIFACTS, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -97,7 +96,7 @@ class OodGate:
     quantile: float
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float = 0.99,
+    def fit(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float = 0.95,
             ridge: float = 1e-3) -> OodGate:
         classes = np.unique(labels)
         means = np.stack([embeddings[labels == k].mean(axis=0) for k in classes])
@@ -383,7 +382,7 @@ class ClassifierService:
         the out-of-distribution gate measures distances there.
         """
         views = [images]
-        if tta:
+        if tta:  # identity, left-right flip, up-down flip, 180-degree rotation
             views += [images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
         n_views = len(views)
         stacked = np.stack(views, axis=1).reshape(-1, *images.shape[1:])[..., None]
@@ -881,7 +880,8 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
-def _service_from_args(args: argparse.Namespace, **overrides: Any) -> ClassifierService:
+def service_from_args(args: argparse.Namespace, **overrides: Any) -> ClassifierService:
+    """The service a subcommand's artifact flags describe (``overrides`` go to the constructor)."""
     hdu = int(args.hdu) if args.hdu is not None and args.hdu.lstrip("-").isdigit() else args.hdu
     options: dict[str, Any] = {"model_path": args.model_path, "scaler_path": args.scaler_path, "workers": args.workers,
                                "intra_op_threads": args.threads, "hdu": hdu}
@@ -909,7 +909,7 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
     try:
-        service = _service_from_args(args)
+        service = service_from_args(args)
     except ArtifactError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_ARTIFACTS
