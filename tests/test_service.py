@@ -152,3 +152,15 @@ def test_reuse_keeps_memory_flat(tiny_service: ClassifierService, tmp_path: Path
         tiny_service.predict_paths([path] * 64, batch_size=16)
     growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
     assert growth_mb < 100, f"peak RSS grew {growth_mb:.0f} MB over 320 repeated predictions"
+
+
+def test_import_loads_no_tensorflow_so_forking_parents_stay_safe() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, inference_runner; "
+            "bad = [m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], cwd=Path(ir.__file__).parent, capture_output=True,
+                            text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
