@@ -156,6 +156,16 @@ def check_writable(output: Path) -> None:
         raise OSError(f"{directory}: output directory is not writable ({exc.strerror or exc})") from exc
 
 
+def _process_umask() -> int:
+    # os.umask can only be read by setting it; done once at import, before worker threads exist
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()
+
+
 class AtomicWriter:
     """Write a text file via a temp file in the same directory, fsync, then ``os.replace``."""
 
@@ -166,9 +176,7 @@ class AtomicWriter:
 
     def __enter__(self) -> io.TextIOWrapper:
         fd, self._temp_name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a report should get the usual permissions
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a report should get the usual permissions
         self._handle = os.fdopen(fd, "w", encoding="utf-8")
         return self._handle
 
