@@ -9,10 +9,13 @@ import io
 import shutil
 import tempfile
 from pathlib import Path
+from unittest import mock
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.core.management import CommandError, call_command
 from django.test import TestCase, override_settings
 
+from archive import classifier
 from archive.models import ArchiveFile
 from archive.tasks import classify_files
 from training.simulator import CLASS_NAMES, render_frame, write_frame
@@ -34,12 +37,15 @@ class ArchiveCommandsTest(TestCase):
             directory.mkdir(parents=True, exist_ok=True)
             write_frame(render_frame(name, index, 128), directory / name, ("fits_int16", "tiff_uint16")[index % 2])
         (self.root / "night0" / "broken.fits").write_text("<html>gateway timeout</html>")
-        self.settings_override = override_settings(
-            ARCHIVE_ROOTS=[self.root.resolve()],
-            CLASSIFIER={"model_path": str(ARTIFACTS["model"]), "scaler_path": str(ARTIFACTS["scaler"]),
-                        "thresholds_path": str(ARTIFACTS["thresholds"]), "intra_op_threads": None,
-                        "batch_size": 4, "tta": True})
+        self.settings_override = override_settings(ARCHIVE_ROOTS=[self.root.resolve()],
+                                                   CLASSIFIER=self.classifier_settings())
         self.settings_override.enable()
+
+    @staticmethod
+    def classifier_settings() -> dict:
+        return {"model_path": str(ARTIFACTS["model"]), "scaler_path": str(ARTIFACTS["scaler"]),
+                "thresholds_path": str(ARTIFACTS["thresholds"]), "intra_op_threads": None, "batch_size": 4,
+                "tta": True}
 
     def tearDown(self) -> None:
         self.settings_override.disable()
@@ -128,3 +134,25 @@ class ArchiveCommandsTest(TestCase):
         self.assertEqual(first, {"written": 6, "requeued": 0})
         self.assertEqual(again, {"written": 0, "requeued": 0})
         self.assertTrue(all(row.classification_count == 1 for row in ArchiveFile.objects.all()))
+
+    def test_soft_time_limit_keeps_finished_batches_and_requeues_the_rest(self) -> None:
+        self.command("register_files", str(self.root))
+        ids = sorted(ArchiveFile.objects.values_list("id", flat=True))
+        real_classify_rows = classifier.classify_rows
+        calls = []
+
+        def stop_on_second_batch(rows, service, force=False):
+            calls.append(len(rows))
+            if len(calls) == 2:
+                raise SoftTimeLimitExceeded()
+            return real_classify_rows(rows, service, force)
+
+        with override_settings(CLASSIFIER={**self.classifier_settings(), "batch_size": 2}), \
+                mock.patch.object(classifier, "classify_rows", stop_on_second_batch), \
+                mock.patch.object(classify_files, "apply_async") as requeue:
+            result = classify_files.run(ids)
+        self.assertEqual(result, {"written": 2, "requeued": 4})
+        requeued_ids = requeue.call_args.args[0][0]
+        self.assertEqual(sorted(requeued_ids), ids[2:])
+        done = ArchiveFile.objects.filter(classification_count=1)
+        self.assertEqual(sorted(done.values_list("id", flat=True)), ids[:2])
