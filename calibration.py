@@ -85,17 +85,18 @@ def fit_temperature(view_logits: np.ndarray, labels: np.ndarray) -> float:
     return float(np.exp(result.x))
 
 
-def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, bins: int) -> list[tuple[float, float, float]]:
+    """(share of files, mean confidence, accuracy) of each non-empty equal-width confidence bin."""
     confidence = probs.max(axis=1)
     correct = probs.argmax(axis=1) == labels
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    which = np.clip(np.digitize(confidence, edges[1:-1]), 0, bins - 1)
-    total = 0.0
-    for b in range(bins):
-        in_bin = which == b
-        if in_bin.any():
-            total += in_bin.mean() * abs(correct[in_bin].mean() - confidence[in_bin].mean())
-    return float(total)
+    which = np.clip(np.digitize(confidence, np.linspace(0.0, 1.0, bins + 1)[1:-1]), 0, bins - 1)
+    return [(float(in_bin.mean()), float(confidence[in_bin].mean()), float(correct[in_bin].mean()))
+            for in_bin in (which == b for b in range(bins)) if in_bin.any()]
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    return float(sum(share * abs(accuracy - confidence)
+                     for share, confidence, accuracy in reliability_bins(probs, labels, bins)))
 
 
 def precision_threshold(scores: np.ndarray, correct: np.ndarray, target: float) -> float:
@@ -328,11 +329,7 @@ def write_plots(directory: Path, service: ir.ClassifierService, data: LabelledLo
 
     fig, ax = plt.subplots(figsize=(5, 5))
     for label, p in (("T=1", ir.calibrated_probs(logits, 1.0)), (f"T={temperature}", probs)):
-        confidence, correct = p.max(axis=1), p.argmax(axis=1) == data.labels
-        edges = np.linspace(0, 1, 11)
-        which = np.clip(np.digitize(confidence, edges[1:-1]), 0, 9)
-        xs = [confidence[which == b].mean() for b in range(10) if (which == b).any()]
-        ys = [correct[which == b].mean() for b in range(10) if (which == b).any()]
+        _, xs, ys = zip(*reliability_bins(p, data.labels, bins=10))
         ax.plot(xs, ys, marker="o", label=label)
     ax.plot([0, 1], [0, 1], "k--", lw=1)
     ax.set(xlabel="confidence", ylabel="accuracy", title="Reliability (TTA)")
