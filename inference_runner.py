@@ -58,6 +58,7 @@ EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_ARTIFACTS, EXIT_OUTPUT, EXIT_INTERRU
 __all__ = [
     "ArtifactError",
     "ClassifierService",
+    "FileFingerprint",
     "OodGate",
     "OperatingPoint",
     "PredictionRecord",

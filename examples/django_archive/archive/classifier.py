@@ -17,7 +17,14 @@ from django.db.models import F
 from django.utils import timezone
 
 from archive.models import ArchiveFile
-from inference_runner import DEFAULT_MODEL_PATH, ClassifierService, PredictionRecord, scan_paths, sha256_of
+from inference_runner import (
+    DEFAULT_MODEL_PATH,
+    ClassifierService,
+    FileFingerprint,
+    PredictionRecord,
+    scan_paths,
+    sha256_of,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -77,17 +84,15 @@ def register_tree(root: Path, batch_size: int = 1000) -> dict[str, int]:
         existing = {row.path: row for row in ArchiveFile.objects.filter(path__in=batch)}
         new, changed = [], []
         for path in batch:
-            try:
-                stat = os.stat(path)
-            except OSError:
+            fingerprint = FileFingerprint.of(path)
+            if fingerprint is None:
                 continue  # vanished between the scan and now
-            fingerprint = f"{stat.st_size}-{stat.st_mtime_ns}"
             row = existing.get(path)
             if row is None:
-                new.append(ArchiveFile(path=path, size=stat.st_size, mtime=stat.st_mtime_ns / 1e9,
-                                       fingerprint=fingerprint))
-            elif row.fingerprint != fingerprint:
-                row.size, row.mtime, row.fingerprint = stat.st_size, stat.st_mtime_ns / 1e9, fingerprint
+                new.append(ArchiveFile(path=path, size=fingerprint.size, mtime=fingerprint.mtime_ns / 1e9,
+                                       fingerprint=fingerprint.value))
+            elif row.fingerprint != fingerprint.value:
+                row.size, row.mtime, row.fingerprint = fingerprint.size, fingerprint.mtime_ns / 1e9, fingerprint.value
                 changed.append(row)
             else:
                 counts["unchanged"] += 1
