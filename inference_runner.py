@@ -623,12 +623,17 @@ class RunOptions:
     progress: bool = True
 
 
+def _operating_point(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
+    """The operating point a run applies, as the report's meta spells it."""
+    return {"thresholds": service.operating_point.thresholds[options.tta], "temperature": options.temperature,
+            "tta": options.tta, "abstain": options.abstain}
+
+
 def _run_key(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
     """What must be equal for a checkpoint to be resumed."""
     return {"input_dir": str(options.input_dir), "model_sha256": service.model_sha256,
             "scaler_sha256": service.scaler_sha256, "thresholds_sha256": service.thresholds_sha256,
-            "thresholds": service.operating_point.thresholds[options.tta],
-            "temperature": options.temperature, "tta": options.tta, "abstain": options.abstain,
+            "operating_point": _operating_point(service, options),
             "shard": list(options.shard) if options.shard else None}
 
 
@@ -643,8 +648,7 @@ def _previous_records(path: Path | None, run_key: dict[str, Any], need_probs: bo
     same = (meta.get("model", {}).get("sha256") == run_key["model_sha256"]
             and meta.get("scaler", {}).get("sha256") == run_key["scaler_sha256"]
             and meta.get("thresholds_sha256") == run_key["thresholds_sha256"]
-            and meta.get("operating_point") == {k: run_key[k] for k in ("thresholds", "temperature", "tta",
-                                                                         "abstain")})
+            and meta.get("operating_point") == run_key["operating_point"])
     if not same:
         logger.warning("%s: made with another model or operating point; nothing is reused", path)
         return {}
@@ -690,7 +694,7 @@ def run_filesystem(service: ClassifierService, options: RunOptions) -> tuple[Cou
             bar.close()
     if not completed:
         return counts, False
-    for record in journal.merged_records():
+    for record in journal.merged_records():  # a first pass for the counts: meta comes before the results
         counts.add(record)
     meta = _report_meta(service, options, started_at, counts)
     write_report(options.output, meta, journal.merged_records(), options.output_format, options.include_probs)
@@ -768,8 +772,7 @@ def _report_meta(service: ClassifierService, options: RunOptions, started_at: st
         "thresholds_file": str(service.thresholds_path) if service.thresholds_path else None,
         "thresholds_sha256": service.thresholds_sha256,
         "class_names": list(op.class_names),
-        "operating_point": {"thresholds": op.thresholds[options.tta], "temperature": options.temperature,
-                            "tta": options.tta, "abstain": options.abstain},
+        "operating_point": _operating_point(service, options),
         "calibrated_temperature": op.temperature,
         "batch_size": options.batch_size,
         "include_probs": options.include_probs,
