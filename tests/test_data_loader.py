@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -274,6 +275,62 @@ def test_pixel_limit_refuses_before_reading(tmp_path: Path) -> None:
 def test_unsupported_extension_is_refused(tmp_path: Path) -> None:
     (tmp_path / "image.png").write_bytes(b"\x89PNG")
     _expect_error(tmp_path / "image.png", "unsupported extension")
+
+
+def _fits_variants(directory: Path) -> list[Path]:
+    """Primary-image FITS files that take the direct memory-mapped path, each with something to get right."""
+    rng = np.random.default_rng(5)
+    frame = rng.normal(1000, 30, (1000, 1100)).astype(np.float32)
+    frame[rng.integers(0, 1000, 300), rng.integers(0, 1100, 300)] += 20000
+    unsigned = frame.astype(np.uint16)
+    blank = frame.astype(np.int16)
+    blank[10:20, 10:20] = -32768
+    nan = frame.copy()
+    nan[100:140, 200:260] = np.nan
+    long_header = fits.Header([(f"HIST{i:04d}", i) for i in range(400)])  # 5 blocks: longer than the probe
+    hdus = {"f32": fits.PrimaryHDU(frame), "u16": fits.PrimaryHDU(unsigned), "f64": fits.PrimaryHDU(
+        frame.astype(np.float64)), "nan": fits.PrimaryHDU(nan), "long": fits.PrimaryHDU(frame, header=long_header),
+        "blank": fits.PrimaryHDU(blank), "cube": fits.PrimaryHDU(np.stack([frame, frame * 2]))}
+    hdus["blank"].header["BLANK"] = -32768
+    paths = []
+    for name, hdu in hdus.items():
+        hdu.writeto(directory / f"{name}.fits")
+        paths.append(directory / f"{name}.fits")
+    return paths
+
+
+def test_load_sample_equals_preprocessing_the_read_image(tmp_path: Path) -> None:
+    # load_sample resizes the stored values straight from the file; read_image makes the float32 copy first.
+    for path in _fits_variants(tmp_path):
+        image, info = dl.read_image(path)
+        expected, sample = dl.sample_from_array(image, info=info), dl.load_sample(path)
+        np.testing.assert_allclose(sample.image, expected.image, atol=1e-6, err_msg=path.name)
+        np.testing.assert_allclose(sample.features, expected.features, rtol=1e-5, atol=1e-6, err_msg=path.name)
+        assert sample.info == expected.info
+        assert (sample.info["missing_fraction"] > 0) == (path.stem in ("nan", "blank"))
+
+
+def test_direct_primary_path_matches_astropy_hdulist_path(tmp_path: Path) -> None:
+    # hdu=0 forces fits.open; the default maps the primary array directly. Same pixels, same facts.
+    for path in _fits_variants(tmp_path):
+        direct, direct_info = dl.read_image(path)
+        via_astropy, astropy_info = dl.read_image(path, hdu=0)
+        np.testing.assert_array_equal(direct, via_astropy, err_msg=path.name)
+        assert direct_info == astropy_info
+
+
+def test_concurrent_reads_leave_warning_filters_alone(tmp_path: Path) -> None:
+    path = tmp_path / "cards.fits"
+    fits.PrimaryHDU(ramp((300, 300))).writeto(path)
+    raw = bytearray(path.read_bytes())
+    slot = raw.index(b"END" + b" " * 77)
+    raw[slot:slot + 160] = b"BAD CARD= 'not a standard keyword'".ljust(80) + b"END".ljust(80)
+    path.write_bytes(bytes(raw))
+    filters_before, show_before = list(warnings.filters), warnings.showwarning
+    with ThreadPoolExecutor(4) as pool:
+        samples = list(pool.map(lambda _: dl.load_sample(path), range(40)))
+    assert warnings.filters == filters_before and warnings.showwarning is show_before
+    assert all(np.array_equal(s.image, samples[0].image) for s in samples)
 
 
 # --------------------------------------------------------------------------- preprocessing
