@@ -51,11 +51,12 @@ CELERY_TASK_TIME_LIMIT = CELERY_TASK_SOFT_TIME_LIMIT + 60
 CELERY_BROKER_TRANSPORT_OPTIONS = {"visibility_timeout": int(os.environ.get("CELERY_VISIBILITY_TIMEOUT", "3600"))}
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _queue_dir = Path(os.environ.get("CELERY_FS_DIR", BASE_DIR / "broker"))
-    for _sub in ("queue", "processed"):
+    for _sub in ("queue", "processed", "control"):
         (_queue_dir / _sub).mkdir(parents=True, exist_ok=True)
     CELERY_BROKER_TRANSPORT_OPTIONS.update(data_folder_in=str(_queue_dir / "queue"),
                                            data_folder_out=str(_queue_dir / "queue"),
-                                           processed_folder=str(_queue_dir / "processed"), store_processed=False)
+                                           processed_folder=str(_queue_dir / "processed"), store_processed=False,
+                                           control_folder=str(_queue_dir / "control"))  # else ./control in the cwd
 CELERY_TASK_IGNORE_RESULT = True  # results live in the ArchiveFile rows
 CELERY_TASK_DEFAULT_QUEUE = os.environ.get("CELERY_QUEUE", "archive")
 
