@@ -309,6 +309,17 @@ def _decode_errors(path: Path, what: str) -> Iterator[None]:
         raise ImageLoadError(path, f"cannot decode {what}: {exc}") from exc
 
 
+def _scaling_and_facts(header: Any) -> tuple[tuple[float, float, int | None], dict[str, Any]]:
+    """(BSCALE, BZERO, BLANK) and the header values reported in ``info``, for both FITS paths."""
+    scaling = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)), header.get("BLANK"))
+    return scaling, {k: _plain(header[k]) for k in FITS_HEADER_FACTS if k in header}
+
+
+def _padded(nbytes: int) -> int:
+    """Bytes up to the end of the FITS block holding byte ``nbytes - 1``."""
+    return -(-nbytes // FITS_BLOCK) * FITS_BLOCK
+
+
 def _choose_fits_hdu(path: Path, hdul: Any, hdu: int | str | None, max_pixels: int, size: int
                      ) -> tuple[Any, tuple[float, float, int | None], dict[str, Any]]:
     """Header work: the HDU, its checks, its (BSCALE, BZERO, BLANK) and facts; no pixel is read yet."""
@@ -318,13 +329,8 @@ def _choose_fits_hdu(path: Path, hdul: Any, hdu: int | str | None, max_pixels: i
     shape = tuple(int(header.get(f"NAXIS{i}", 0)) for i in range(naxis, 0, -1))
     _check_pixel_limit(path, shape, max_pixels)  # before the truncation verdict: a bomb is named as such
     _check_complete(path, chosen, size)
-    scaling = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)), header.get("BLANK"))
-    info = {
-        "format": "fits",
-        "hdu": hdul.index_of(chosen),
-        "original_shape": list(shape),
-        "header": {k: _plain(header[k]) for k in FITS_HEADER_FACTS if k in header},
-    }
+    scaling, facts = _scaling_and_facts(header)
+    info = {"format": "fits", "hdu": hdul.index_of(chosen), "original_shape": list(shape), "header": facts}
     return chosen, scaling, info
 
 
@@ -341,7 +347,7 @@ def _primary_header(head: bytes) -> tuple[Any, int] | None:
         header = fits.Header.fromstring(head[: end + 80])
     except Exception:  # anything odd: the full fits.open path reports it properly
         return None
-    return header, -(-(end + 80) // FITS_BLOCK) * FITS_BLOCK
+    return header, _padded(end + 80)
 
 
 def _mapped_primary_image(path: Path, head: bytes, size: int, max_pixels: int
@@ -368,11 +374,10 @@ def _mapped_primary_image(path: Path, head: bytes, size: int, max_pixels: int
         shape = tuple(header.get(f"NAXIS{i}", 0) for i in range(naxis, 0, -1))
         if not all(isinstance(n, int) and n > 0 for n in shape):
             return None
-        scaling = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)), header.get("BLANK"))
-        facts = {k: _plain(header[k]) for k in FITS_HEADER_FACTS if k in header}
+        scaling, facts = _scaling_and_facts(header)
     _check_pixel_limit(path, shape, max_pixels)
     data_bytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-    _check_length(path, size, data_start + -(-data_bytes // FITS_BLOCK) * FITS_BLOCK)
+    _check_length(path, size, data_start + _padded(data_bytes))
     data = np.memmap(path, dtype=dtype, mode="r", offset=data_start, shape=shape)
     stored, rule = _reduce_fits_cube(data)
     info = {"format": "fits", "hdu": 0, "original_shape": list(shape), "original_dtype": str(data.dtype),
