@@ -535,13 +535,19 @@ def resize_area(image: np.ndarray, size: int = IMAGE_SIZE) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BOX), dtype=np.float32)
 
 
-def _fill_missing(image: np.ndarray) -> np.ndarray:
-    """Replace NaN/Inf with the median of the finite pixels (0 when none is finite)."""
+def _fill_missing(image: np.ndarray) -> float:
+    """Replace NaN/Inf in place with the median of the finite pixels (0 when none is); return the missing fraction."""
     finite = np.isfinite(image)
-    filled = np.array(image, dtype=np.float32, copy=True)
-    fill_value = np.float32(np.median(image[finite])) if finite.any() else np.float32(0.0)
-    filled[~finite] = fill_value
-    return filled
+    missing = image.size - np.count_nonzero(finite)
+    if missing:
+        image[~finite] = np.float32(np.median(image[finite])) if missing < image.size else np.float32(0.0)
+    return missing / image.size
+
+
+def _resize_filled(image: np.ndarray, size: int) -> tuple[np.ndarray, float]:
+    """Fill a float32 plane's missing pixels in place, then resize it; also return the missing fraction."""
+    missing_fraction = _fill_missing(image)
+    return resize_area(image, size), missing_fraction
 
 
 def resize_finite(image: np.ndarray, size: int = IMAGE_SIZE) -> tuple[np.ndarray, float]:
@@ -553,8 +559,7 @@ def resize_finite(image: np.ndarray, size: int = IMAGE_SIZE) -> tuple[np.ndarray
     small = resize_area(image, size)
     if np.isfinite(small).all():
         return small, 0.0
-    missing_fraction = float(1.0 - np.count_nonzero(np.isfinite(image)) / image.size)
-    return resize_area(_fill_missing(image), size), missing_fraction
+    return _resize_filled(np.array(image, dtype=np.float32, copy=True), size)
 
 
 def _resize_stored(plane: _StoredPlane, size: int = IMAGE_SIZE) -> tuple[np.ndarray, float]:
@@ -563,7 +568,7 @@ def _resize_stored(plane: _StoredPlane, size: int = IMAGE_SIZE) -> tuple[np.ndar
         small = plane.rescale(resize_area(plane.data, size))
         if np.isfinite(small).all():
             return small, 0.0
-    return resize_finite(plane.to_float32(), size)
+    return _resize_filled(plane.to_float32(), size)  # to_float32 is a fresh copy: filled in place
 
 
 def stretch(small: np.ndarray, percentiles: dict[float, float] | None = None) -> np.ndarray:
