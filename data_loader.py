@@ -205,8 +205,12 @@ class _StoredPlane:
     bzero: float = 0.0
     blank: int | None = None  # FITS BLANK: the integer code of missing pixels
 
+    @property
+    def _uses_blank(self) -> bool:
+        return self.blank is not None and self.data.dtype.kind in "iu"  # BLANK means nothing for float data
+
     def has_blank_pixels(self) -> bool:
-        return self.blank is not None and self.data.dtype.kind in "iu" and bool((self.data == self.blank).any())
+        return self._uses_blank and bool((self.data == self.blank).any())
 
     def rescale(self, values: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
         """Apply BSCALE/BZERO in float32 to values derived linearly from the stored ones (``out`` for in place)."""
@@ -220,7 +224,7 @@ class _StoredPlane:
         """Native-endian float32 copy with BSCALE/BZERO applied and BLANK pixels as NaN."""
         image = np.array(self.data, dtype=np.float32, copy=True)
         self.rescale(image, out=image)
-        if self.blank is not None and self.data.dtype.kind in "iu":
+        if self._uses_blank:
             image[self.data == self.blank] = np.nan
         return image
 
