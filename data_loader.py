@@ -15,7 +15,9 @@ Rules applied (documented in README "Input formats"):
 * TIFF: the first page with two or more image axes; RGB(A) becomes luminance
   (Rec. 709 weights, alpha dropped).
 * Reading: an uncompressed image in the primary HDU (header parsed by astropy)
-  is memory-mapped directly; every other layout goes through ``fits.open``.
+  is memory-mapped directly; every other layout goes through ``fits.open``, and
+  tile-compressed images are decoded by :mod:`tiled_fits` (GIL released) where it
+  covers them.
   :func:`load_sample` resizes the stored values in place of a float32 copy of
   the whole plane (BSCALE/BZERO commute with averaging), so peak memory stays
   near the file's own pages.
@@ -44,6 +46,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
+import tiled_fits
 
 logger = logging.getLogger(__name__)
 
@@ -389,6 +393,21 @@ def _mapped_primary_image(path: Path, head: bytes, size: int, max_pixels: int
     return _StoredPlane(stored, *scaling), info
 
 
+def _tile_layout(path: Path, chosen: Any, blank: int | None) -> tiled_fits.TileLayout | None:
+    """The tile layout when ``chosen`` is a compressed image our GIL-releasing decoder covers."""
+    from astropy.io import fits
+
+    if not isinstance(chosen, fits.CompImageHDU):
+        return None
+    location = chosen.fileinfo()
+    return tiled_fits.read_layout(path, location["hdrLoc"], location["datLoc"], blank)
+
+
+def _hdu_data(path: Path, chosen: Any, layout: tiled_fits.TileLayout | None) -> np.ndarray | None:
+    data = None if layout is None else tiled_fits.decode(path, layout)
+    return chosen.data if data is None else data
+
+
 @contextlib.contextmanager
 def _fits_plane(path: Path, hdu: int | str | None, max_pixels: int, size: int, head: bytes
                 ) -> Iterator[tuple[_StoredPlane, dict[str, Any]]]:
@@ -405,7 +424,8 @@ def _fits_plane(path: Path, hdu: int | str | None, max_pixels: int, size: int, h
         with _decode_errors(path, "FITS data"):
             with _astropy_warnings_logged(path):
                 chosen, scaling, info = _choose_fits_hdu(path, hdul, hdu, max_pixels, size)
-            data = chosen.data  # outside the lock: decompressing .gz/.fz here overlaps across threads
+                layout = _tile_layout(path, chosen, blank=scaling[2])
+            data = _hdu_data(path, chosen, layout)  # outside the lock: decompression overlaps across threads
             if data is None or data.ndim < 2:
                 raise ImageLoadError(path, "HDU has no 2-D image data")
             stored, info["rule"] = _reduce_fits_cube(data)
