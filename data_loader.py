@@ -234,6 +234,10 @@ class _StoredPlane:
 
 
 _ASTROPY_WARNINGS_LOCK = threading.Lock()
+# astropy's HCOMPRESS decoder keeps its state in C globals yet releases the GIL: two threads reading
+# HCOMPRESS images through `section` failed 20 of 20 times ("qtree_decode: bad format code"). The lock
+# in astropy's lazy `data` property happens to serialise it today; ours keeps that true.
+_ASTROPY_TILES_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
@@ -395,17 +399,28 @@ def _mapped_primary_image(path: Path, head: bytes, size: int, max_pixels: int
 
 def _tile_layout(path: Path, chosen: Any, blank: int | None) -> tiled_fits.TileLayout | None:
     """The tile layout when ``chosen`` is a compressed image our GIL-releasing decoder covers."""
-    from astropy.io import fits
-
-    if not isinstance(chosen, fits.CompImageHDU):
+    if not _is_compressed(chosen):
         return None
     location = chosen.fileinfo()
     return tiled_fits.read_layout(path, location["hdrLoc"], location["datLoc"], blank)
 
 
 def _hdu_data(path: Path, chosen: Any, layout: tiled_fits.TileLayout | None) -> np.ndarray | None:
-    data = None if layout is None else tiled_fits.decode(path, layout)
-    return chosen.data if data is None else data
+    """The HDU's stored pixels: from our tile decoder where it covers the image, else from astropy."""
+    if layout is not None:
+        data = tiled_fits.decode(path, layout)
+        if data is not None:
+            return data
+    if _is_compressed(chosen):
+        with _ASTROPY_TILES_LOCK:
+            return chosen.data
+    return chosen.data
+
+
+def _is_compressed(hdu: Any) -> bool:
+    from astropy.io import fits
+
+    return isinstance(hdu, fits.CompImageHDU)
 
 
 @contextlib.contextmanager

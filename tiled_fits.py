@@ -17,6 +17,7 @@ identical to astropy's ``CompImageHDU.data`` read with ``do_not_scale_image_data
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import re
 import zlib
@@ -39,6 +40,8 @@ _FLOAT_DTYPES = {-32: np.float32, -64: np.float64}
 _RICE_DTYPES = {1: np.uint8, 2: np.int16, 4: np.int32}
 _COLUMN_BYTES = {"L": 1, "B": 1, "A": 1, "I": 2, "J": 4, "K": 8, "E": 4, "D": 8, "C": 8, "M": 16, "P": 8, "Q": 16}
 _TFORM = re.compile(r"^\s*(\d*)([LBAIJKEDCMPQ])(.*)$")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class TileLayout:
         return _FLOAT_DTYPES[self.zbitpix] if self.zbitpix < 0 else _INTEGER_DTYPES[self.zbitpix]
 
 
+class _Uncovered(Exception):
+    """A layout this module leaves to astropy; the message says why (logged at DEBUG)."""
+
+
 def read_layout(path: Path, header_offset: int, data_offset: int, image_blank: int | None) -> TileLayout | None:
     """The layout of the compressed-image table whose header starts at ``header_offset``, or None when
     this module does not cover it. Header work only (astropy parses it); no tile is read."""
@@ -76,7 +83,77 @@ def read_layout(path: Path, header_offset: int, data_offset: int, image_blank: i
     with open(path, "rb") as handle:
         handle.seek(header_offset)
         header = fits.Header.fromfile(handle)
-    return _layout_from_header(header, data_offset, image_blank)
+    try:
+        return _layout_from_header(header, data_offset, image_blank)
+    except _Uncovered as reason:
+        logger.debug("%s: tile-compressed image left to astropy: %s", path, reason)
+    except (KeyError, TypeError, ValueError) as exc:  # odd keyword values: astropy's decoder judges them
+        logger.debug("%s: tile-compressed image left to astropy: header: %s", path, exc)
+    return None
+
+
+def _layout_from_header(header: Any, data_offset: int, image_blank: int | None) -> TileLayout:
+    algorithm, zbitpix, rice = _codec(header)
+    shape, tile, n_rows = _grid(header)
+    columns, row_bytes = _column_positions(header)
+    if row_bytes != header.get("NAXIS1"):
+        raise _Uncovered(f"table rows of {header.get('NAXIS1')} bytes, columns of {row_bytes}")
+    dither, dither_seed, zblank = _quantization(header, columns, image_blank)
+    heap_start = int(header.get("THEAP", row_bytes * n_rows))  # PCOUNT counts any gap before the heap
+    heap_size = int(header.get("PCOUNT", 0)) + row_bytes * n_rows - heap_start
+    if heap_size < 0:
+        raise _Uncovered(f"THEAP {heap_start} lies past the heap")
+    return TileLayout(
+        shape=shape, tile=tile, algorithm=algorithm, zbitpix=zbitpix, rice=rice, table_start=data_offset,
+        row_bytes=row_bytes, heap_start=data_offset + heap_start, heap_size=heap_size, columns=columns,
+        dither=dither, dither_seed=dither_seed, zblank=zblank,
+    )
+
+
+def _codec(header: Any) -> tuple[str, int, tuple[int, int]]:
+    """The compression algorithm, ZBITPIX and the Rice (blocksize, bytes per pixel)."""
+    algorithm = str(header.get("ZCMPTYPE", "")).strip().upper()
+    zbitpix = header.get("ZBITPIX")
+    if header.get("ZIMAGE") is not True or algorithm not in ALGORITHMS:
+        raise _Uncovered(f"compression {algorithm or 'missing'}")
+    if zbitpix not in _INTEGER_DTYPES and zbitpix not in _FLOAT_DTYPES:
+        raise _Uncovered(f"ZBITPIX {zbitpix}")
+    rice = (_compression_setting(header, "BLOCKSIZE", 32), _compression_setting(header, "BYTEPIX", 4))
+    if algorithm.startswith("RICE") and rice[1] not in _RICE_DTYPES:
+        raise _Uncovered(f"Rice BYTEPIX {rice[1]}")
+    return algorithm, zbitpix, rice
+
+
+def _grid(header: Any) -> tuple[tuple[int, int], tuple[int, int], int]:
+    """Image shape, tile shape (default: one row per tile) and the tile count, checked against the table."""
+    if header.get("ZNAXIS") != 2:
+        raise _Uncovered(f"ZNAXIS {header.get('ZNAXIS')} (only 2-D images)")
+    shape = (int(header["ZNAXIS2"]), int(header["ZNAXIS1"]))
+    tile = (int(header.get("ZTILE2", 1)), int(header.get("ZTILE1", shape[1])))
+    if min(shape) < 1 or min(tile) < 1:
+        raise _Uncovered(f"image {shape}, tiles {tile}")
+    n_rows = math.ceil(shape[0] / tile[0]) * math.ceil(shape[1] / tile[1])
+    if n_rows != header.get("NAXIS2"):
+        raise _Uncovered(f"{header.get('NAXIS2')} table rows for {n_rows} tiles")
+    return shape, tile, n_rows
+
+
+def _quantization(header: Any, columns: dict[str, tuple[int, str]], image_blank: int | None
+                  ) -> tuple[int | None, int, int | None]:
+    """(dither method or None when not quantized, ZDITHER0, the blank code)."""
+    if "ZSCALE" in header or "ZZERO" in header:
+        raise _Uncovered("one ZSCALE/ZZERO for every tile")
+    zblank = header.get("ZBLANK", image_blank)
+    zblank = None if zblank is None else int(zblank)
+    if "ZSCALE" not in columns:
+        if "ZBLANK" in columns or zblank != image_blank:
+            raise _Uncovered("integer data with a ZBLANK of its own")
+        return None, 0, zblank
+    method = str(header.get("ZQUANTIZ", "NO_DITHER")).strip().upper()
+    dither_seed = int(header.get("ZDITHER0", 0))
+    if method not in DITHER_METHODS or (DITHER_METHODS[method] > 0 and dither_seed < 1):
+        raise _Uncovered(f"ZQUANTIZ {method} with ZDITHER0 {dither_seed}")
+    return DITHER_METHODS[method], dither_seed, zblank
 
 
 def _compression_setting(header: Any, name: str, default: int) -> int:
@@ -89,58 +166,20 @@ def _compression_setting(header: Any, name: str, default: int) -> int:
     return default
 
 
-def _column_positions(header: Any) -> tuple[dict[str, tuple[int, str]], int] | None:
-    """Byte offset and type letter of each table column, and the row length, from TTYPEn/TFORMn."""
+def _column_positions(header: Any) -> tuple[dict[str, tuple[int, str]], int]:
+    """Byte offset and type (letter, plus the array type of P/Q descriptors) of each table column, and
+    the row length, from TTYPEn/TFORMn; only the column layouts cfitsio and astropy write are covered."""
     columns, offset = {}, 0
     for i in range(1, int(header.get("TFIELDS", 0)) + 1):
         match = _TFORM.match(str(header.get(f"TFORM{i}", "")))
         if match is None:
-            return None
+            raise _Uncovered(f"TFORM{i} {header.get(f'TFORM{i}')!r}")
         repeat, letter, rest = match.groups()
         columns[str(header.get(f"TTYPE{i}", "")).strip().upper()] = (offset, letter + rest[:1])
         offset += (int(repeat) if repeat else 1) * _COLUMN_BYTES[letter]
+    if not _columns_covered(columns):
+        raise _Uncovered(f"columns {columns}")
     return columns, offset
-
-
-def _layout_from_header(header: Any, data_offset: int, image_blank: int | None) -> TileLayout | None:
-    algorithm = str(header.get("ZCMPTYPE", "")).strip().upper()
-    zbitpix = header.get("ZBITPIX")
-    if header.get("ZIMAGE") is not True or header.get("ZNAXIS") != 2 or algorithm not in ALGORITHMS:
-        return None
-    if zbitpix not in _INTEGER_DTYPES and zbitpix not in _FLOAT_DTYPES:
-        return None
-    parsed = _column_positions(header)
-    if parsed is None:
-        return None
-    columns, row_bytes = parsed
-    if row_bytes != header.get("NAXIS1") or not _columns_covered(columns):
-        return None
-    quantized = "ZSCALE" in columns
-    dither = DITHER_METHODS.get(str(header.get("ZQUANTIZ", "NO_DITHER")).strip().upper()) if quantized else None
-    dither_seed = int(header.get("ZDITHER0", 0))
-    if quantized and (dither is None or (dither > 0 and dither_seed < 1)):
-        return None
-    if "ZSCALE" in header or "ZZERO" in header:  # one scaling for every tile: rare, left to astropy
-        return None
-    zblank = header.get("ZBLANK", image_blank)
-    if not quantized and ("ZBLANK" in columns or zblank != image_blank):
-        return None  # integer data with a ZBLANK of its own: astropy's rules, not worth repeating
-    shape = (int(header["ZNAXIS2"]), int(header["ZNAXIS1"]))
-    tile = (int(header.get("ZTILE2", 1)), int(header.get("ZTILE1", shape[1])))
-    rice = (_compression_setting(header, "BLOCKSIZE", 32), _compression_setting(header, "BYTEPIX", 4))
-    if min(tile) < 1 or (algorithm.startswith("RICE") and rice[1] not in _RICE_DTYPES):
-        return None
-    n_rows = int(header.get("NAXIS2", 0))
-    if n_rows != math.ceil(shape[0] / tile[0]) * math.ceil(shape[1] / tile[1]):
-        return None
-    heap_gap_end = int(header.get("THEAP", row_bytes * n_rows))  # PCOUNT counts any gap before the heap
-    return TileLayout(
-        shape=shape, tile=tile, algorithm=algorithm, zbitpix=zbitpix, rice=rice, table_start=data_offset,
-        row_bytes=row_bytes, heap_start=data_offset + heap_gap_end,
-        heap_size=int(header.get("PCOUNT", 0)) + row_bytes * n_rows - heap_gap_end, columns=columns,
-        dither=dither, dither_seed=dither_seed,
-        zblank=None if zblank is None else int(zblank),
-    )
 
 
 def _columns_covered(columns: dict[str, tuple[int, str]]) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +155,14 @@ def test_dither_sequence_is_the_fits_standard_one() -> None:
     assert randoms.dtype == np.float32 and randoms.shape == (tiled_fits.N_RANDOM,)
     assert randoms[0] == np.float32(16807 / 2147483647)  # the generator's first step, by hand
     assert randoms.min() > 0.0 and randoms.max() < 1.0
+
+
+@pytest.mark.parametrize("algorithm", ["RICE_1", "HCOMPRESS_1"])  # ours, and astropy's non-reentrant one
+def test_two_decode_threads_read_the_same_pixels_as_one(tmp_path: Path, algorithm: str) -> None:
+    paths = [write_compressed(tmp_path / f"t{i}.fits.fz", sky("int16") + i, compression_type=algorithm,
+                              tile_shape=(16, 150)) for i in range(4)]
+    expected = [dl.read_image(path)[0] for path in paths]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(lambda i: dl.read_image(paths[i % 4])[0], range(40)))
+    for i, image in enumerate(results):
+        np.testing.assert_array_equal(image, expected[i % 4])
