@@ -315,14 +315,17 @@ def dither_randoms() -> np.ndarray:
     return values
 
 
-def _dither_stream(first_seed: int, length: int) -> np.ndarray:
-    """Dither values for ``length`` consecutive pixels of a tile whose sequence starts at ``first_seed``."""
+def _dither_run(first_seed: int, start: int, stop: int) -> np.ndarray:
+    """Dither values for pixels ``start:stop`` (row-major) of a tile whose sequence starts at ``first_seed``:
+    the sequence runs from index int(r[seed] * 500) to the end, then continues from the next seed."""
     randoms = dither_randoms()
-    parts, seed, total = [], first_seed, 0
-    while total < length:
-        part = randoms[int(randoms[seed] * 500):][: length - total]
-        parts.append(part)
-        total += part.size
+    parts, seed, position = [], first_seed, 0
+    while position < stop:
+        run = randoms[int(randoms[seed] * 500):]
+        low, high = max(start - position, 0), min(stop - position, run.size)
+        if low < high:
+            parts.append(run[low:high])
+        position += run.size
         seed = (seed + 1) % N_RANDOM
     return np.concatenate(parts)
 
@@ -379,24 +382,39 @@ def _tile_ids(layout: TileLayout) -> Callable[[slice], np.ndarray]:
 
 def _band_dither(layout: TileLayout, rows: slice, ids: np.ndarray, large_tiles: bool) -> np.ndarray:
     """Each pixel's dither value: its tile's sequence starts at seed (tile + ZDITHER0 - 1) mod 10,000
-    and runs through the tile in row-major order."""
-    randoms = dither_randoms()
+    and runs through the tile in row-major order, so each image row of a tile is one contiguous run."""
     (tile_rows, tile_cols), (height, width) = layout.tile, layout.shape
     y = np.arange(height)[rows]
-    if not large_tiles:
-        seeds = (np.arange(ids.max() + 1) + layout.dither_seed - 1) % N_RANDOM
-        starts = (randoms[seeds] * 500).astype(np.int64)
-        if ids.shape[1] == 1:  # full-width tiles: each image row is one run of the sequence, copied whole
-            return sliding_window_view(randoms, width)[starts[ids[:, 0]] + (y % tile_rows) * width]
-    x = np.arange(width)
-    tile_widths = np.minimum(tile_cols, width - (x // tile_cols) * tile_cols)  # edge tiles are narrower
-    position = (y % tile_rows)[:, None] * tile_widths[None, :] + (x % tile_cols)[None, :]
-    if not large_tiles:
-        return randoms[starts[ids] + position]
-    ids = np.broadcast_to(ids, position.shape)
-    noise = np.empty(position.shape, dtype=np.float32)
-    for tile in np.unique(ids).tolist():
-        mask = ids == tile
-        stream = _dither_stream((tile + layout.dither_seed - 1) % N_RANDOM, int(position[mask].max()) + 1)
-        noise[mask] = stream[position[mask]]
+    if large_tiles:
+        return _large_tile_dither(layout, y[0], y[-1] + 1)
+    randoms = dither_randoms()
+    seeds = (np.arange(ids.max() + 1) + layout.dither_seed - 1) % N_RANDOM
+    starts = (randoms[seeds] * 500).astype(np.int64)
+    full_tiles = width // tile_cols  # tile columns of full width; a narrower one may follow
+    edge = width - full_tiles * tile_cols
+    widths = np.array([tile_cols] * full_tiles + ([edge] if edge else []))
+    runs = starts[ids[:, ::tile_cols]] + (y % tile_rows)[:, None] * widths[None, :]  # (rows, tile columns)
+    noise = np.empty((y.size, width), dtype=np.float32)
+    if full_tiles:  # copy whole runs: no per-pixel index arrays
+        noise[:, :full_tiles * tile_cols] = sliding_window_view(randoms, tile_cols)[runs[:, :full_tiles]].reshape(
+            y.size, -1)
+    if edge:
+        noise[:, full_tiles * tile_cols:] = sliding_window_view(randoms, edge)[runs[:, full_tiles]]
+    return noise
+
+
+def _large_tile_dither(layout: TileLayout, first_row: int, stop_row: int) -> np.ndarray:
+    """Dither values for image rows ``first_row:stop_row`` when a tile's sequence may pass through several
+    seeds: filled tile by tile, each tile's rows in the band being one contiguous stretch of its sequence."""
+    (tile_rows, tile_cols), width = layout.tile, layout.shape[1]
+    noise = np.empty((stop_row - first_row, width), dtype=np.float32)
+    for tile_row in range(first_row // tile_rows, (stop_row - 1) // tile_rows + 1):
+        top, bottom = max(tile_row * tile_rows, first_row), min((tile_row + 1) * tile_rows, stop_row)
+        for tile_col in range(layout.n_tiles[1]):
+            left, right = tile_col * tile_cols, min((tile_col + 1) * tile_cols, width)
+            tile = tile_row * layout.n_tiles[1] + tile_col
+            start = (top - tile_row * tile_rows) * (right - left)
+            run = _dither_run((tile + layout.dither_seed - 1) % N_RANDOM, start,
+                              start + (bottom - top) * (right - left))
+            noise[top - first_row:bottom - first_row, left:right] = run.reshape(bottom - top, right - left)
     return noise

@@ -55,7 +55,7 @@ def test_integer_images_match_astropy(tmp_path: Path, dtype: str, algorithm: str
     assert_identical(*astropy_and_ours(path))
 
 
-@pytest.mark.parametrize("tile", [None, (64, 48), SHAPE])  # SHAPE: one tile longer than a dither run
+@pytest.mark.parametrize("tile", [None, (64, 48), (100, 100), SHAPE])  # 100x100, SHAPE: longer than a dither run
 @pytest.mark.parametrize("method", [1, 2, -1])  # SUBTRACTIVE_DITHER_1, _2, NO_DITHER
 @pytest.mark.parametrize("algorithm_dtype", [("RICE_1", "float32"), ("GZIP_2", "float32"), ("RICE_1", "float64")])
 def test_quantized_floats_match_astropy(tmp_path: Path, algorithm_dtype: tuple[str, str], method: int,
