@@ -150,6 +150,13 @@ def test_tile_descriptor_outside_the_heap_is_refused(tmp_path: Path) -> None:
         dl.read_image(path)
 
 
+def test_truncated_compressed_file_is_refused_before_any_tile_is_mapped(tmp_path: Path) -> None:
+    path = write_compressed(tmp_path / "short.fits.fz", sky("int16"), compression_type="RICE_1")
+    path.write_bytes(path.read_bytes()[:-3000])
+    with pytest.raises(ImageLoadError, match=r"short\.fits\.fz.*truncated"):
+        dl.load_sample(path)
+
+
 def test_dither_sequence_is_the_fits_standard_one() -> None:
     randoms = tiled_fits.dither_randoms()
     assert randoms.dtype == np.float32 and randoms.shape == (tiled_fits.N_RANDOM,)
