@@ -343,7 +343,7 @@ def _dequantize(quantized: np.ndarray, table: np.ndarray, layout: TileLayout) ->
     tile_ids = _tile_ids(layout)
     out = quantized.view(np.float32) if layout.zbitpix == -32 else np.empty(layout.shape, dtype=np.float64)
     band_rows = max(1, BAND_PIXELS // layout.shape[1])
-    large_tiles = layout.tile[0] * layout.tile[1] > SHORTEST_DITHER_RUN
+    run_starts = _dither_run_starts(layout)
     for start in range(0, layout.shape[0], band_rows):
         rows = slice(start, start + band_rows)
         ids = tile_ids(rows)
@@ -351,7 +351,7 @@ def _dequantize(quantized: np.ndarray, table: np.ndarray, layout: TileLayout) ->
         if layout.dither == DITHER_METHODS["NO_DITHER"]:
             values = codes.astype(np.float64)
         else:  # ((q - dither) + 0.5) in float64, cfitsio's order of operations, so results match bit for bit
-            values = np.subtract(codes, _band_dither(layout, rows, ids, large_tiles), dtype=np.float64)
+            values = np.subtract(codes, _band_dither(layout, rows, ids, run_starts), dtype=np.float64)
             values += 0.5
         values *= scales[ids]
         values += zeros[ids]
@@ -380,20 +380,28 @@ def _tile_ids(layout: TileLayout) -> Callable[[slice], np.ndarray]:
     return ids
 
 
-def _band_dither(layout: TileLayout, rows: slice, ids: np.ndarray, large_tiles: bool) -> np.ndarray:
-    """Each pixel's dither value: its tile's sequence starts at seed (tile + ZDITHER0 - 1) mod 10,000
-    and runs through the tile in row-major order, so each image row of a tile is one contiguous run."""
+def _dither_run_starts(layout: TileLayout) -> np.ndarray | None:
+    """Where each tile's dither values start: seed (tile + ZDITHER0 - 1) mod 10,000 picks index
+    int(r[seed] * 500). None when a tile can outlast that run and continue from the next seed."""
+    if layout.tile[0] * layout.tile[1] > SHORTEST_DITHER_RUN:
+        return None
+    randoms = dither_randoms()
+    seeds = (np.arange(layout.n_tiles[0] * layout.n_tiles[1]) + layout.dither_seed - 1) % N_RANDOM
+    return (randoms[seeds] * 500).astype(np.int64)
+
+
+def _band_dither(layout: TileLayout, rows: slice, ids: np.ndarray, run_starts: np.ndarray | None) -> np.ndarray:
+    """Each pixel's dither value. A tile's values run through it in row-major order, so each image row
+    of a tile is one contiguous run of the sequence."""
     (tile_rows, tile_cols), (height, width) = layout.tile, layout.shape
     y = np.arange(height)[rows]
-    if large_tiles:
-        return _large_tile_dither(layout, y[0], y[-1] + 1)
+    if run_starts is None:
+        return _long_tile_dither(layout, y[0], y[-1] + 1)
     randoms = dither_randoms()
-    seeds = (np.arange(ids.max() + 1) + layout.dither_seed - 1) % N_RANDOM
-    starts = (randoms[seeds] * 500).astype(np.int64)
     full_tiles = width // tile_cols  # tile columns of full width; a narrower one may follow
     edge = width - full_tiles * tile_cols
     widths = np.array([tile_cols] * full_tiles + ([edge] if edge else []))
-    runs = starts[ids[:, ::tile_cols]] + (y % tile_rows)[:, None] * widths[None, :]  # (rows, tile columns)
+    runs = run_starts[ids[:, ::tile_cols]] + (y % tile_rows)[:, None] * widths[None, :]  # (rows, tile columns)
     noise = np.empty((y.size, width), dtype=np.float32)
     if full_tiles:  # copy whole runs: no per-pixel index arrays
         noise[:, :full_tiles * tile_cols] = sliding_window_view(randoms, tile_cols)[runs[:, :full_tiles]].reshape(
@@ -403,7 +411,7 @@ def _band_dither(layout: TileLayout, rows: slice, ids: np.ndarray, large_tiles: 
     return noise
 
 
-def _large_tile_dither(layout: TileLayout, first_row: int, stop_row: int) -> np.ndarray:
+def _long_tile_dither(layout: TileLayout, first_row: int, stop_row: int) -> np.ndarray:
     """Dither values for image rows ``first_row:stop_row`` when a tile's sequence may pass through several
     seeds: filled tile by tile, each tile's rows in the band being one contiguous stretch of its sequence."""
     (tile_rows, tile_cols), width = layout.tile, layout.shape[1]
