@@ -72,6 +72,12 @@ def test_quantized_floats_match_astropy(tmp_path: Path, algorithm_dtype: tuple[s
     assert_identical(expected, got)
 
 
+@pytest.mark.parametrize("name", ["comp.fits", "compressed_image.fits", "double_ext.fits"])
+def test_astropy_own_compressed_files_match(name: str) -> None:
+    path = Path(fits.__file__).parent / "tests" / "data" / name
+    assert_identical(*astropy_and_ours(path))
+
+
 def test_tiles_that_would_not_quantize_are_read_from_the_lossless_column(tmp_path: Path) -> None:
     data = sky("float32")
     data[:16, :16] = 5.0  # a constant tile: cfitsio stores it gzip-compressed, unquantized
