@@ -67,6 +67,10 @@ class TileLayout:
         return math.ceil(self.shape[0] / self.tile[0]), math.ceil(self.shape[1] / self.tile[1])
 
     @property
+    def tile_count(self) -> int:  # = table rows
+        return self.n_tiles[0] * self.n_tiles[1]
+
+    @property
     def out_dtype(self) -> type[np.generic]:
         return _FLOAT_DTYPES[self.zbitpix] if self.zbitpix < 0 else _INTEGER_DTYPES[self.zbitpix]
 
@@ -198,7 +202,7 @@ def decode(path: Path, layout: TileLayout) -> np.ndarray | None:
 
     Raises ValueError naming the tile when a tile descriptor or stream is corrupt.
     """
-    n_rows = layout.n_tiles[0] * layout.n_tiles[1]
+    n_rows = layout.tile_count
     heap_offset = layout.heap_start - layout.table_start
     region = np.memmap(path, dtype=np.uint8, mode="r", offset=layout.table_start,
                        shape=(heap_offset + layout.heap_size,))
@@ -223,21 +227,21 @@ def decode(path: Path, layout: TileLayout) -> np.ndarray | None:
 
 def _tile_streams(table: np.ndarray, layout: TileLayout, column: str) -> list[tuple[int, int, int]]:
     """(tile index, byte count, heap offset) of each tile's stream in ``column``, checked against the heap."""
-    offset, kind = layout.columns[column]
-    width = 8 if kind.startswith("P") else 16
-    pairs = table[:, offset:offset + width].copy().view(">i4" if width == 8 else ">i8").astype(np.int64)
-    counts, offsets = pairs[:, 0], pairs[:, 1]
+    pairs = _column_values(table, layout, column, ">i4" if layout.columns[column][1].startswith("P") else ">i8", 2)
+    counts, offsets = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.int64)
     if (counts < 0).any() or (offsets < 0).any() or (offsets + counts > layout.heap_size).any():
         raise ValueError(f"a {column} tile descriptor points outside the heap")
     return list(zip(range(len(counts)), counts.tolist(), offsets.tolist()))
 
 
-def _column_values(table: np.ndarray, layout: TileLayout, name: str, dtype: str) -> np.ndarray | None:
+def _column_values(table: np.ndarray, layout: TileLayout, name: str, dtype: str, repeat: int = 1
+                   ) -> np.ndarray | None:
+    """Column ``name`` of every table row as native ``dtype`` (``repeat`` values per row: 2-D), or None."""
     if name not in layout.columns:
         return None
     offset = layout.columns[name][0]
-    size = np.dtype(dtype).itemsize
-    return table[:, offset:offset + size].copy().view(dtype).ravel().astype(dtype[1:])
+    values = table[:, offset:offset + repeat * np.dtype(dtype).itemsize].copy().view(dtype).astype(dtype[1:])
+    return values.ravel() if repeat == 1 else values
 
 
 def _decode_tiles(heap: np.ndarray, tiles: list[tuple[int, int, int]], plane: np.ndarray, algorithm: str,
@@ -386,7 +390,7 @@ def _dither_run_starts(layout: TileLayout) -> np.ndarray | None:
     if layout.tile[0] * layout.tile[1] > SHORTEST_DITHER_RUN:
         return None
     randoms = dither_randoms()
-    seeds = (np.arange(layout.n_tiles[0] * layout.n_tiles[1]) + layout.dither_seed - 1) % N_RANDOM
+    seeds = (np.arange(layout.tile_count) + layout.dither_seed - 1) % N_RANDOM
     return (randoms[seeds] * 500).astype(np.int64)
 
 
