@@ -13,7 +13,10 @@ Rules applied (documented in README "Input formats"):
   4 is treated as colour planes (RGB[A]) and turned into luminance; any other
   cube contributes its first plane.
 * TIFF: the first page with two or more image axes; RGB(A) becomes luminance
-  (Rec. 709 weights, alpha dropped).
+  (Rec. 709 weights, alpha dropped); bilevel (1-bit) pages read as 0/1.
+* JPEG/PNG (how labelled training data and press images come): grey, 16-bit
+  grey, palette, RGB(A) and grey+alpha through Pillow; colour becomes luminance
+  with the same weights. Not in the default directory walk (``ARCHIVE_SUFFIXES``).
 * Reading: an uncompressed image in the primary HDU (header parsed by astropy)
   is memory-mapped directly; every other layout goes through ``fits.open``, and
   tile-compressed images are decoded by :mod:`tiled_fits` (GIL released) where it
@@ -56,7 +59,12 @@ DEFAULT_MAX_PIXELS = 300_000_000  # ~1.2 GB as float32: refuse anything larger b
 FITS_SUFFIXES = (".fits", ".fit", ".fts")
 FITS_WRAPPERS = ("", ".gz", ".bz2", ".fz")
 TIFF_SUFFIXES = (".tif", ".tiff")
-SUPPORTED_SUFFIXES = tuple(s + w for s in FITS_SUFFIXES for w in FITS_WRAPPERS) + TIFF_SUFFIXES
+PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png")
+ARCHIVE_SUFFIXES = tuple(s + w for s in FITS_SUFFIXES for w in FITS_WRAPPERS) + TIFF_SUFFIXES  # the default walk
+SUPPORTED_SUFFIXES = ARCHIVE_SUFFIXES + PHOTO_SUFFIXES  # everything load_sample reads
+MIN_IMAGE_SIDE = 8  # below this an image has no spatial structure left: each pixel would become a 56x56 block
+NO_VALID_PIXELS = "no valid pixels: every pixel is NaN, Inf or BLANK, so there is nothing to classify"
+_PHOTO_MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
 FITS_BLOCK = 2880
 HEADER_PROBE_BYTES = 4 * FITS_BLOCK  # a primary header of up to 144 cards is parsed from the first read
 FITS_HEADER_FACTS = ("OBJECT", "TELESCOP", "INSTRUME", "FILTER", "EXPTIME")
@@ -114,16 +122,30 @@ class Sample:
 # --------------------------------------------------------------------------- reading
 
 
-def is_supported(path: str | os.PathLike[str]) -> bool:
-    """Whether the file name has an extension this module reads (case-insensitive)."""
-    return str(path).lower().endswith(SUPPORTED_SUFFIXES)
+def is_supported(path: str | os.PathLike[str], suffixes: tuple[str, ...] = SUPPORTED_SUFFIXES) -> bool:
+    """Whether the file name ends (case-insensitively) with one of ``suffixes`` (default: all this module reads)."""
+    return str(path).lower().endswith(suffixes)
+
+
+def parse_suffixes(text: str) -> tuple[str, ...]:
+    """``".fits,.fz,jpg"`` -> ``(".fits", ".fz", ".jpg")``: lower case, dot added; refuses what cannot be read."""
+    suffixes = tuple(dict.fromkeys("." + part.strip().lower().lstrip(".") for part in text.split(",") if part.strip()))
+    unreadable = [s for s in suffixes if not any(known.endswith(s) for known in SUPPORTED_SUFFIXES)]
+    if not suffixes or unreadable:
+        raise ValueError(f"extensions {', '.join(unreadable) or repr(text)} cannot be read; "
+                         f"choose from {', '.join(SUPPORTED_SUFFIXES)}")
+    return suffixes
 
 
 def _file_kind(path: Path) -> str:
     name = path.name.lower()
     if name.endswith(TIFF_SUFFIXES):
         return "tiff"
-    if name.endswith(SUPPORTED_SUFFIXES):
+    if name.endswith((".jpg", ".jpeg")):
+        return "jpeg"
+    if name.endswith(".png"):
+        return "png"
+    if name.endswith(ARCHIVE_SUFFIXES):
         return "fits"
     raise ImageLoadError(path, f"unsupported extension (expected one of {', '.join(SUPPORTED_SUFFIXES)})")
 
@@ -147,6 +169,10 @@ def _check_magic(path: Path, kind: str) -> tuple[int, bytes]:
     if kind == "tiff":
         if head[:4] not in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
             raise ImageLoadError(path, f"not a TIFF file (starts with {head[:8]!r})")
+        return size, head
+    if kind in _PHOTO_MAGIC:
+        if not head.startswith(_PHOTO_MAGIC[kind]):
+            raise ImageLoadError(path, f"not a {kind.upper()} file (starts with {head[:8]!r})")
         return size, head
     name = path.name.lower()
     if name.endswith(".gz"):
@@ -491,6 +517,62 @@ def _tiff_plane(path: Path, max_pixels: int) -> Iterator[tuple[_StoredPlane, dic
     yield _StoredPlane(image), info
 
 
+_PHOTO_PLAIN_MODES = ("L", "I;16", "I;16L", "I;16B", "I", "F")  # one channel Pillow turns into a numpy array as is
+
+
+def _photo_pixels(image: Image.Image) -> tuple[np.ndarray, str]:
+    """The pixels of an opened Pillow image as one 2-D plane, and the rule applied."""
+    mode = image.mode
+    if mode == "1":  # Pillow keeps bilevel pixels as 0/255 bytes behind a bool dtype: go through "L"
+        return (np.asarray(image.convert("L")) > 0).view(np.uint8), "bilevel as 0/1"
+    if mode in _PHOTO_PLAIN_MODES:
+        return np.asarray(image), "grayscale"
+    if mode in ("LA", "La"):
+        return np.asarray(image.getchannel(0)), "grayscale (alpha dropped)"
+    return _to_luminance(np.asarray(image.convert("RGB")), 2), "luminance"  # RGB(A), palette, CMYK, YCbCr
+
+
+@contextlib.contextmanager
+def _photo_plane(path: Path, kind: str, max_pixels: int) -> Iterator[tuple[_StoredPlane, dict[str, Any]]]:
+    try:
+        with Image.open(path) as image:  # lazy: only the header has been read so far
+            _check_pixel_limit(path, (image.height, image.width), max_pixels)
+            info: dict[str, Any] = {"format": kind, "original_shape": [image.height, image.width],
+                                    "original_mode": image.mode}
+            data, info["rule"] = _photo_pixels(image)
+    except ImageLoadError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise ImageLoadError(path, f"image too large: {exc}") from exc
+    except (OSError, ValueError, SyntaxError) as exc:  # truncated or corrupt streams
+        raise ImageLoadError(path, f"cannot decode {kind.upper()}: {exc}") from exc
+    yield _StoredPlane(data), info
+
+
+def _plane_reader(path: Path, kind: str, hdu: int | str | None, max_pixels: int, size: int, head: bytes
+                  ) -> contextlib.AbstractContextManager[tuple[_StoredPlane, dict[str, Any]]]:
+    if kind == "fits":
+        return _fits_plane(path, hdu, max_pixels, size, head)
+    if kind == "tiff":
+        return _tiff_plane(path, max_pixels)
+    return _photo_plane(path, kind, max_pixels)
+
+
+def _check_plane(path: Path, plane: _StoredPlane) -> _StoredPlane:
+    """Refuse planes that are not 2-D real images of a usable size; bilevel (bool) pixels become 0/1."""
+    data = plane.data
+    if data.ndim != 2:
+        raise ImageLoadError(path, f"image shape {data.shape} is not a 2-D image")
+    if min(data.shape) < MIN_IMAGE_SIDE:
+        raise ImageLoadError(path, f"image of {data.shape[0]}x{data.shape[1]} pixels is too small: both sides must "
+                                   f"be at least {MIN_IMAGE_SIDE} pixels to show any structure at 448x448")
+    if data.dtype.kind == "b":  # bilevel TIFF (masks, scanned plates)
+        return _StoredPlane(np.not_equal(data, False).view(np.uint8), plane.bscale, plane.bzero, plane.blank)
+    if data.dtype.kind not in "iuf":
+        raise ImageLoadError(path, f"pixel type {data.dtype} is not a real number")
+    return plane
+
+
 @contextlib.contextmanager
 def _open_plane(path: str | os.PathLike[str], hdu: int | str | None, max_pixels: int
                 ) -> Iterator[tuple[_StoredPlane, dict[str, Any]]]:
@@ -498,12 +580,8 @@ def _open_plane(path: str | os.PathLike[str], hdu: int | str | None, max_pixels:
     path = Path(path)
     kind = _file_kind(path)
     size, head = _check_magic(path, kind)
-    reader = _fits_plane(path, hdu, max_pixels, size, head) if kind == "fits" else _tiff_plane(path, max_pixels)
-    with reader as (plane, info):
-        if plane.data.ndim != 2 or min(plane.data.shape) < 2:
-            raise ImageLoadError(path, f"image shape {plane.data.shape} is not a 2-D image")
-        if plane.data.dtype.kind not in "iuf":
-            raise ImageLoadError(path, f"pixel type {plane.data.dtype} is not a real number")
+    with _plane_reader(path, kind, hdu, max_pixels, size, head) as (plane, info):
+        plane = _check_plane(path, plane)
         try:
             yield plane, info
         except MemoryError as exc:
@@ -883,8 +961,13 @@ def apply_scaler(features: np.ndarray, scaler: Any | None) -> np.ndarray:
 # --------------------------------------------------------------------------- one call
 
 
-def _sample_from_small(small: np.ndarray, missing_fraction: float, scaler: Any | None,
-                       info: dict[str, Any] | None) -> Sample:
+def sample_from_small(small: np.ndarray, missing_fraction: float = 0.0, scaler: Any | None = None,
+                      info: dict[str, Any] | None = None) -> Sample:
+    """The model's inputs from a finite 448x448 plane before stretch (what :func:`load_small` returns).
+
+    Training calls this on augmented planes, so augmented images and their
+    features go through exactly the production arithmetic.
+    """
     half = _half(small)
     percentiles = _percentiles(half)
     features = apply_scaler(_features(half, percentiles), scaler)
@@ -898,9 +981,34 @@ def sample_from_array(image: np.ndarray, scaler: Any | None = None, info: dict[s
     image = np.asarray(image)
     if image.dtype.kind not in "iuf":
         image = image.astype(np.float32)
-    if image.ndim != 2 or min(image.shape) < 2:
-        raise ValueError(f"expected a 2-D image, got shape {image.shape}")
-    return _sample_from_small(*_resize_stored(_StoredPlane(image)), scaler, info)
+    if image.ndim != 2 or min(image.shape) < MIN_IMAGE_SIDE:
+        raise ValueError(f"expected a 2-D image of at least {MIN_IMAGE_SIDE}x{MIN_IMAGE_SIDE} pixels, "
+                         f"got shape {image.shape}")
+    small, missing_fraction = _resize_stored(_StoredPlane(image))
+    if missing_fraction >= 1.0:
+        raise ValueError(NO_VALID_PIXELS)
+    return sample_from_small(small, missing_fraction, scaler, info)
+
+
+def load_small(
+    path: str | os.PathLike[str], hdu: int | str | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[np.ndarray, float, dict[str, Any]]:
+    """Read one file into its finite 448x448 plane before stretch, its missing fraction and facts.
+
+    The plane is resized straight from the file's stored values (memory-mapped
+    for plain FITS), so no full-size float32 copy is made unless pixels are
+    missing.
+
+    Raises
+    ------
+    ImageLoadError
+        When the file cannot be read or has no valid pixel (names the file and the cause).
+    """
+    with _open_plane(path, hdu, max_pixels) as (plane, info):
+        small, missing_fraction = _resize_stored(plane)
+    if missing_fraction >= 1.0:
+        raise ImageLoadError(path, NO_VALID_PIXELS)
+    return small, missing_fraction, info
 
 
 def load_sample(
@@ -911,10 +1019,8 @@ def load_sample(
 ) -> Sample:
     """Read one file and produce the model's inputs: the shared path for every caller.
 
-    The plane is resized straight from the file's stored values (memory-mapped
-    for plain FITS), so no full-size float32 copy is made unless pixels are
-    missing; the result equals ``sample_from_array(*read_image(path))`` to
-    float32 rounding.
+    ``load_small`` then ``sample_from_small``; the result equals
+    ``sample_from_array(*read_image(path))`` to float32 rounding.
 
     Raises
     ------
@@ -923,9 +1029,8 @@ def load_sample(
     FeatureMismatchError
         When the scaler does not fit the feature vector.
     """
-    with _open_plane(path, hdu, max_pixels) as (plane, info):
-        small, missing_fraction = _resize_stored(plane)
-    return _sample_from_small(small, missing_fraction, scaler, info)
+    small, missing_fraction, info = load_small(path, hdu, max_pixels)
+    return sample_from_small(small, missing_fraction, scaler, info)
 
 
 # --------------------------------------------------------------------------- process tuning

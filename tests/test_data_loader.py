@@ -273,8 +273,115 @@ def test_pixel_limit_refuses_before_reading(tmp_path: Path) -> None:
 
 
 def test_unsupported_extension_is_refused(tmp_path: Path) -> None:
-    (tmp_path / "image.png").write_bytes(b"\x89PNG")
-    _expect_error(tmp_path / "image.png", "unsupported extension")
+    (tmp_path / "image.gif").write_bytes(b"GIF89a")
+    _expect_error(tmp_path / "image.gif", "unsupported extension")
+
+
+# --------------------------------------------------------------------------- JPEG and PNG (labelled data, press images)
+
+
+def _galaxy_rgb(shape: tuple[int, int] = (120, 160)) -> np.ndarray:
+    frame = render_frame("galaxy", 4, max(shape))[: shape[0], : shape[1]]
+    scaled = dl.stretch(frame, None) if frame.shape == (448, 448) else frame
+    grey = np.clip((scaled - scaled.min()) / (np.ptp(scaled) or 1) * 255, 0, 255).astype(np.uint8)
+    return np.stack([grey, (grey * 0.8).astype(np.uint8), (grey * 0.5).astype(np.uint8)], axis=-1)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "I;16", "1"])
+def test_png_modes_read_as_one_plane(tmp_path: Path, mode: str) -> None:
+    from PIL import Image
+
+    rgb = _galaxy_rgb()
+    if mode == "I;16":
+        image = Image.fromarray(rgb[..., 0].astype(np.uint16) * 257)
+    else:
+        image = Image.fromarray(rgb).convert(mode)
+    path = tmp_path / f"image_{mode.replace(';', '')}.png"
+    image.save(path)
+    pixels, info = dl.read_image(path)
+    assert pixels.shape == (120, 160) and pixels.dtype == np.float32
+    assert info["format"] == "png" and info["original_mode"] == mode
+    if mode == "I;16":
+        assert pixels.max() == int(rgb[..., 0].max()) * 257, "16-bit values kept, not cut to 8 bits"
+    elif mode == "1":
+        assert set(np.unique(pixels)) <= {0.0, 1.0} and pixels.max() == 1.0
+    elif mode in ("L", "LA"):
+        np.testing.assert_array_equal(pixels, np.asarray(image.convert("L"), dtype=np.float32))
+    else:
+        expected = np.asarray(image.convert("RGB"), dtype=np.float32) @ dl.LUMINANCE_WEIGHTS
+        np.testing.assert_allclose(pixels, expected, atol=1e-3)
+    assert_model_ready(dl.load_sample(path))
+
+
+@pytest.mark.parametrize("suffix", [".jpg", ".jpeg", ".JPG"])
+def test_jpeg_colour_and_grey(tmp_path: Path, suffix: str) -> None:
+    from PIL import Image
+
+    rgb = _galaxy_rgb()
+    Image.fromarray(rgb).save(tmp_path / f"colour{suffix}", quality=90)
+    Image.fromarray(rgb[..., 0]).save(tmp_path / f"grey{suffix}", quality=90)
+    colour, info = dl.read_image(tmp_path / f"colour{suffix}")
+    grey, _ = dl.read_image(tmp_path / f"grey{suffix}")
+    assert info["format"] == "jpeg" and info["rule"] == "luminance"
+    assert colour.shape == grey.shape == (120, 160)
+    assert np.abs(colour - rgb.astype(np.float32) @ dl.LUMINANCE_WEIGHTS).mean() < 3, "JPEG loss only"
+    assert np.corrcoef(colour.ravel(), grey.ravel())[0, 1] > 0.98
+    sample = dl.load_sample(tmp_path / f"colour{suffix}")
+    np.testing.assert_allclose(sample.image, dl.sample_from_array(colour).image, atol=1e-6)
+
+
+def test_bad_jpeg_and_png_are_refused_by_name(tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.fromarray(_galaxy_rgb()).save(tmp_path / "full.jpg")
+    (tmp_path / "truncated.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:400])
+    _expect_error(tmp_path / "truncated.jpg", "cannot decode JPEG")
+    (tmp_path / "page.png").write_text("<html>404</html>")
+    _expect_error(tmp_path / "page.png", "not a PNG file")
+    (tmp_path / "png_named.jpg").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    _expect_error(tmp_path / "png_named.jpg", "not a JPEG file")
+    (tmp_path / "stub.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 64)
+    _expect_error(tmp_path / "stub.png", "cannot decode PNG")
+    Image.new("L", (400, 300)).save(tmp_path / "big.png")
+    _expect_error(tmp_path / "big.png", "exceeds the limit", max_pixels=10_000)
+
+
+def test_extension_lists_parse_and_refuse_unreadable() -> None:
+    assert dl.parse_suffixes(".fits, FZ,jpg,.png") == (".fits", ".fz", ".jpg", ".png")
+    with pytest.raises(ValueError, match=r"\.gif"):
+        dl.parse_suffixes(".fits,.gif")
+    assert dl.is_supported("a.JPG") and not dl.is_supported("a.jpg", dl.ARCHIVE_SUFFIXES)
+
+
+# --------------------------------------------------------------------------- edge inputs (bilevel, tiny, no pixels)
+
+
+def test_bilevel_tiff_reads_as_zero_one(tmp_path: Path) -> None:
+    mask = np.zeros((64, 72), dtype=bool)
+    mask[10:30, 20:50] = True
+    tifffile.imwrite(tmp_path / "mask.tif", mask)
+    pixels, _ = dl.read_image(tmp_path / "mask.tif")
+    np.testing.assert_array_equal(pixels, mask.astype(np.float32))
+    assert_model_ready(dl.load_sample(tmp_path / "mask.tif"))
+
+
+def test_tiny_fits_is_refused_with_the_minimum_size(tmp_path: Path) -> None:
+    fits.PrimaryHDU(np.ones((1, 1), np.float32)).writeto(tmp_path / "one.fits")
+    error = _expect_error(tmp_path / "one.fits", "too small")
+    assert "1x1" in error.cause and f"at least {dl.MIN_IMAGE_SIDE} pixels" in error.cause
+    fits.PrimaryHDU(np.ones((dl.MIN_IMAGE_SIDE, 40), np.float32)).writeto(tmp_path / "narrow_ok.fits")
+    assert_model_ready(dl.load_sample(tmp_path / "narrow_ok.fits"))
+
+
+def test_image_without_valid_pixels_is_an_error(tmp_path: Path) -> None:
+    fits.PrimaryHDU(np.full((64, 64), np.nan, np.float32)).writeto(tmp_path / "nan.fits")
+    _expect_error(tmp_path / "nan.fits", "no valid pixels")
+    blank = fits.PrimaryHDU(np.full((64, 64), -32768, np.int16))
+    blank.header["BLANK"] = -32768
+    blank.writeto(tmp_path / "blank.fits")
+    _expect_error(tmp_path / "blank.fits", "no valid pixels")
+    with pytest.raises(ValueError, match="no valid pixels"):
+        dl.sample_from_array(np.full((64, 64), np.inf, np.float32))
 
 
 def _fits_variants(directory: Path) -> list[Path]:
@@ -345,13 +452,12 @@ def test_preprocess_shape_range_dtype_and_no_float64(tmp_path: Path) -> None:
     assert dl.stretch(small).dtype == np.float32
 
 
-def test_constant_and_all_nan_images_without_warnings() -> None:
+def test_constant_images_without_warnings() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        for image in (np.full((300, 300), 7.0, np.float32), np.full((300, 300), np.nan, np.float32)):
-            sample = dl.sample_from_array(image)
-            assert_model_ready(sample)
-            assert sample.image.max() == 0.0
+        sample = dl.sample_from_array(np.full((300, 300), 7.0, np.float32))
+        assert_model_ready(sample)
+        assert sample.image.max() == 0.0
 
 
 def test_bright_point_source_survives_area_resize() -> None:
