@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+import data_loader
 import inference_runner as ir
 from report import UNKNOWN, AtomicWriter, utc_now
 
@@ -40,14 +41,14 @@ class LabelledLogits:
 
 
 def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Path, int]]:
-    """(path, class index) for every supported file under ``directory/<class>/``."""
+    """(path, class index) for every readable file (FITS, TIFF, JPEG, PNG) under ``directory/<class>/``."""
     if not directory.is_dir():
         raise FileNotFoundError(f"{directory}: labelled directory not found")
     unknown_dirs = sorted(p.name for p in directory.iterdir() if p.is_dir() and p.name not in class_names)
     if unknown_dirs:
         logger.warning("%s: sub-folders %s are not classes of the model; ignored", directory, unknown_dirs)
-    files = [(path, index) for index, name in enumerate(class_names) for path in ir.scan_paths(directory / name)
-             if (directory / name).is_dir()]
+    files = [(path, index) for index, name in enumerate(class_names) for path in
+             ir.scan_paths(directory / name, suffixes=data_loader.SUPPORTED_SUFFIXES) if (directory / name).is_dir()]
     if not files:
         raise FileNotFoundError(f"{directory}: no images in sub-folders named {', '.join(class_names)}")
     return files
@@ -66,6 +67,37 @@ def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]],
     if failed:
         logger.warning("%d labelled files could not be read and are left out", len(failed))
     return LabelledLogits(paths, np.stack(logits), np.stack(embeddings), np.array(labels), failed)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def add_commands(commands: Any) -> None:
+    """Register ``calibrate`` and ``evaluate`` on an ``add_subparsers()`` object."""
+    cal = commands.add_parser("calibrate", help="fit temperature and per-class thresholds on labelled data")
+    cal.add_argument("--labelled_dir", "--labelled-dir", type=Path, required=True,
+                     help="one sub-folder per class, named as the classes")
+    cal.add_argument("--class_names", "--class-names", default=None,
+                     help="comma-separated, in model output order (default: from --reference thresholds)")
+    cal.add_argument("--reference", type=Path, default=ir.DEFAULT_THRESHOLDS_PATH,
+                     help="thresholds file to take class names from when --class_names is not given")
+    cal.add_argument("--temperature", type=ir.positive_float, default=ir.DEFAULT_TEMPERATURE)
+    cal.add_argument("--target_precision", "--target-precision", type=float, default=0.95)
+    cal.add_argument("--ood_quantile", "--ood-quantile", type=float, default=0.95,
+                     help="calibration quantile of embedding distance beyond which files abstain (0: no gate)")
+    cal.add_argument("--output", type=Path, default=ir.DEFAULT_THRESHOLDS_PATH)
+    cal.add_argument("--batch_size", "--batch-size", type=ir.positive_int, default=32)
+    ir.add_artifact_args(cal, thresholds=False)
+    cal.set_defaults(handler=cmd_calibrate)
+
+    ev = commands.add_parser("evaluate", help="metrics and plots of the operating point on labelled data")
+    ev.add_argument("--labelled_dir", "--labelled-dir", type=Path, required=True)
+    ev.add_argument("--ood_dir", "--ood-dir", type=Path, default=None, help="out-of-distribution images")
+    ev.add_argument("--output_dir", "--output-dir", type=Path, required=True)
+    ev.add_argument("--temperature", type=ir.positive_float, default=None, help="default: the calibrated one")
+    ev.add_argument("--batch_size", "--batch-size", type=ir.positive_int, default=32)
+    ir.add_artifact_args(ev)
+    ev.set_defaults(handler=cmd_evaluate)
 
 
 # --------------------------------------------------------------------------- metrics
@@ -175,9 +207,11 @@ def confusion_matrix(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str
 # --------------------------------------------------------------------------- calibrate
 
 
-def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: float,
+def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: float | None,
               target_precision: float, ood_quantile: float | None = 0.95) -> dict[str, Any]:
     """The thresholds document (see README 'Operating point') for ``service``'s model and scaler.
+
+    ``temperature=None`` operates at the fitted (NLL-optimal) temperature.
 
     Thresholds are chosen on the files inside the OOD gate (fitted first on the
     same embeddings), since the gate abstains on the rest anyway.
@@ -186,10 +220,11 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
     gate = ir.OodGate.fit(data.embeddings, data.labels, ood_quantile) if ood_quantile else None
     inside = ~gate.is_outside(data.embeddings) if gate else np.ones(len(data.labels), dtype=bool)
     points = {}
-    fitted = {}
+    fitted = {key: fit_temperature(data.for_tta(tta), data.labels) for key, tta in (("tta", True), ("no_tta", False))}
+    if temperature is None:  # operate at the NLL-optimal temperature of the TTA scores
+        temperature = round(fitted["tta"], 3)
     for key, tta in (("tta", True), ("no_tta", False)):
         logits = data.for_tta(tta)
-        fitted[key] = fit_temperature(logits, data.labels)
         probs = ir.calibrated_probs(logits, temperature)
         predicted, scores = probs.argmax(axis=1), probs.max(axis=1)
         correct = predicted == data.labels
@@ -219,6 +254,31 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         "created_at": utc_now(),
         "tool_version": ir.__version__,
     }
+
+
+def fit_ood_classifier(in_distribution: np.ndarray, ood_by_kind: dict[str, np.ndarray], keep: float = 0.98,
+                       regularisation: float = 0.1) -> ir.OodClassifier:
+    """A logistic gate on embeddings: in-distribution rows against out-of-distribution kinds (each kind weighs
+    as much as any other, and all of them together as much as the in-distribution rows). Its threshold lets
+    ``keep`` of the in-distribution rows through."""
+    from sklearn.linear_model import LogisticRegression
+
+    kinds = sorted(k for k, rows in ood_by_kind.items() if len(rows))
+    if not kinds:
+        raise ValueError("no out-of-distribution embeddings to fit the gate on")
+    outside = np.concatenate([ood_by_kind[k] for k in kinds])
+    rows = np.concatenate([in_distribution, outside])
+    target = np.r_[np.zeros(len(in_distribution)), np.ones(len(outside))]
+    weight = np.r_[np.full(len(in_distribution), 1.0 / len(in_distribution)),
+                   np.concatenate([np.full(len(ood_by_kind[k]), 1.0 / (len(kinds) * len(ood_by_kind[k])))
+                                   for k in kinds])]
+    mean, scale = rows.mean(axis=0), rows.std(axis=0) + 1e-6
+    model = LogisticRegression(C=regularisation, max_iter=2000)
+    model.fit((rows - mean) / scale, target, sample_weight=weight * len(rows))
+    gate = ir.OodClassifier(mean, scale, model.coef_[0].astype(np.float64), float(model.intercept_[0]), np.inf,
+                            tuple(kinds))
+    threshold = float(np.quantile(gate.logit(in_distribution), keep))
+    return ir.OodClassifier(mean, scale, gate.weights, gate.bias, threshold, tuple(kinds))
 
 
 def _class_names_for(args: argparse.Namespace) -> list[str]:
@@ -252,15 +312,11 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- evaluate
 
 
-def _inside(gate: ir.OodGate | None, embeddings: np.ndarray) -> np.ndarray:
-    return ~gate.is_outside(embeddings) if gate is not None else np.ones(len(embeddings), dtype=bool)
-
-
 def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: float,
              ood: LabelledLogits | None) -> dict[str, Any]:
     names = list(service.class_names)
     op = service.operating_point
-    inside = _inside(op.ood_gate, data.embeddings)
+    inside = op.inside(data.embeddings)
     result: dict[str, Any] = {"temperature": temperature, "class_names": names, "n_failed": len(data.failed),
                               "ood_gate_rejected_in_distribution": float(1.0 - inside.mean())}
     for key, tta in (("tta", True), ("no_tta", False)):
@@ -280,7 +336,7 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
         if ood is not None:
             ood_probs = ir.calibrated_probs(ood.for_tta(tta), temperature)
             by_score = ~accepted_mask(ood_probs, names, op.thresholds[tta])
-            by_both = ~accepted_mask(ood_probs, names, op.thresholds[tta], _inside(op.ood_gate, ood.embeddings))
+            by_both = ~accepted_mask(ood_probs, names, op.thresholds[tta], op.inside(ood.embeddings))
             result[key]["ood"] = {"n": len(ood_probs), "abstained_fraction": float(by_both.mean()),
                                   "abstained_fraction_thresholds_only": float(by_score.mean())}
     return result
@@ -297,7 +353,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     data = collect_logits(service, files, args.batch_size)
     ood = None
     if args.ood_dir is not None:
-        ood = collect_logits(service, [(path, -1) for path in ir.scan_paths(args.ood_dir)], args.batch_size)
+        ood_files = ir.scan_paths(args.ood_dir, suffixes=data_loader.SUPPORTED_SUFFIXES)
+        ood = collect_logits(service, [(path, -1) for path in ood_files], args.batch_size)
     result = evaluate(service, data, temperature, ood)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     with AtomicWriter((args.output_dir / "evaluation.json").absolute()) as handle:
@@ -350,7 +407,7 @@ def write_plots(directory: Path, service: ir.ClassifierService, data: LabelledLo
     written.append(_save(fig, directory / "risk_coverage.png"))
 
     matrix = np.array(confusion_matrix(probs, data.labels, service.operating_point.thresholds[True], names,
-                                       _inside(service.operating_point.ood_gate, data.embeddings)))
+                                       service.operating_point.inside(data.embeddings)))
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(names) + 1), [*names, UNKNOWN], rotation=45, ha="right")

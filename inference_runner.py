@@ -2,14 +2,16 @@
 
 Library: ``ClassifierService`` (load once per process, ``predict_paths`` /
 ``iter_predict_paths`` / ``predict_arrays``). CLI: ``filesystem`` (classify a
-directory tree into a JSON report), ``calibrate`` and ``evaluate`` (make and
-check an operating point on labelled directories). See README.md.
+directory tree into a JSON report); ``cli.py`` adds the commands of the modules
+built on this one (``calibrate``, ``evaluate``, ``train``). See README.md.
 """
 
 from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +61,7 @@ __all__ = [
     "ArtifactError",
     "ClassifierService",
     "FileFingerprint",
+    "OodClassifier",
     "OodGate",
     "OperatingPoint",
     "PredictionRecord",
@@ -126,6 +129,38 @@ class OodGate:
 
 
 @dataclass(frozen=True)
+class OodClassifier:
+    """Learned out-of-distribution gate: a logistic model on the embedding, in-distribution files against
+    generated out-of-distribution kinds (photographs, text, the Moon, planets, spectra, ...).
+
+    The Mahalanobis gate only knows how far a file is from the classes; this one has seen what non-astronomical
+    images look like to the model. ``threshold`` lets a set share of calibration files through.
+    """
+
+    mean: np.ndarray  # (E,) standardisation of the embedding
+    scale: np.ndarray  # (E,)
+    weights: np.ndarray  # (E,)
+    bias: float
+    threshold: float  # logit above which a file is out of distribution
+    kinds: tuple[str, ...] = ()  # the out-of-distribution kinds it was fitted on
+
+    def logit(self, embeddings: np.ndarray) -> np.ndarray:
+        return ((embeddings - self.mean) / self.scale) @ self.weights + self.bias
+
+    def is_outside(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.logit(embeddings) > self.threshold
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "logistic_embedding", "threshold": self.threshold, "bias": self.bias, "kinds": list(self.kinds),
+                "mean": self.mean.tolist(), "scale": self.scale.tolist(), "weights": self.weights.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> OodClassifier:
+        return cls(*(np.asarray(data[k], dtype=np.float64) for k in ("mean", "scale", "weights")),
+                   float(data["bias"]), float(data["threshold"]), tuple(data.get("kinds", ())))
+
+
+@dataclass(frozen=True)
 class _Loaded:
     """A decoded file waiting for its batch (sample is None when it failed)."""
 
@@ -158,6 +193,15 @@ class OperatingPoint:
     ood_gate: OodGate | None = None
     source: str | None = None
     document: dict[str, Any] | None = None
+    ood_classifier: OodClassifier | None = None
+
+    def inside(self, embeddings: np.ndarray) -> np.ndarray:
+        """Per row of ``embeddings``: inside every out-of-distribution gate this operating point has."""
+        inside = np.ones(len(embeddings), dtype=bool)
+        for gate in (self.ood_gate, self.ood_classifier):
+            if gate is not None:
+                inside &= ~gate.is_outside(embeddings)
+        return inside
 
     @classmethod
     def uncalibrated(cls, class_names: Sequence[str]) -> OperatingPoint:
@@ -180,8 +224,9 @@ class OperatingPoint:
             thresholds = {tta: {name: float(points[key]["thresholds"][name]) for name in names}
                           for tta, key in ((True, "tta"), (False, "no_tta"))}
             gate = OodGate.from_json(document["ood_gate"]) if document.get("ood_gate") else None
+            learned = OodClassifier.from_json(document["ood_classifier"]) if document.get("ood_classifier") else None
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
-                       document.get("scaler_sha256"), gate, str(path), document)
+                       document.get("scaler_sha256"), gate, str(path), document, learned)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
 
@@ -190,7 +235,7 @@ def _check_pinned(kind: str, path: Path, expected: str | None, actual: str, allo
     if expected is None or expected == actual:
         return
     message = (f"{path}: {kind} SHA-256 {actual[:12]}... does not match the {expected[:12]}... the thresholds "
-               f"were calibrated for; recalibrate (inference_runner.py calibrate) or pass --allow-mismatch")
+               f"were calibrated for; recalibrate (inference-runner calibrate) or pass --allow-mismatch")
     if not allow_mismatch:
         raise ArtifactError(message)
     logger.warning("%s (continuing: mismatch allowed)", message)
@@ -199,8 +244,9 @@ def _check_pinned(kind: str, path: Path, expected: str | None, actual: str, allo
 # --------------------------------------------------------------------------- scanning
 
 
-def scan_paths(root: str | os.PathLike[str], shard: tuple[int, int] | None = None) -> Iterator[Path]:
-    """Supported image files under ``root``, depth first with each directory's entries sorted by name.
+def scan_paths(root: str | os.PathLike[str], shard: tuple[int, int] | None = None,
+               suffixes: tuple[str, ...] = data_loader.ARCHIVE_SUFFIXES) -> Iterator[Path]:
+    """Files ending in ``suffixes`` (default FITS/TIFF) under ``root``, depth first, each directory sorted by name.
 
     Symlinks are followed only while they stay inside ``root``; a directory
     reached twice (a symlink cycle) is walked once. ``shard=(k, n)`` keeps the
@@ -233,7 +279,7 @@ def scan_paths(root: str | os.PathLike[str], shard: tuple[int, int] | None = Non
             try:
                 if entry.is_dir():
                     yield from walk(entry.path)
-                elif entry.is_file() and data_loader.is_supported(entry.name) and (
+                elif entry.is_file() and data_loader.is_supported(entry.name, suffixes) and (
                         shard is None or shard_of(os.path.relpath(entry.path, root), shard[1]) == shard[0]):
                     yield Path(entry.path)
             except OSError as exc:
@@ -251,10 +297,42 @@ def shard_of(relative_path: str, shards: int) -> int:
 # --------------------------------------------------------------------------- the service
 
 
+@contextlib.contextmanager
+def _stderr_silenced(silence: bool) -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block: TensorFlow's C++ start-up lines (oneDNN, CUDA probe)
+    are written there before any Python logging setting can reach them."""
+    if not silence:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def import_keras() -> Any:
+    """Import Keras (and TensorFlow under it) quietly: its C++ start-up chatter is shown only when this module
+    logs at DEBUG (``--verbose``). Later C++ messages below FATAL are muted through TF_CPP_MIN_LOG_LEVEL unless
+    the caller set it."""
+    if "keras" not in sys.modules:
+        quiet = not logger.isEnabledFor(logging.DEBUG)
+        if quiet:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        with _stderr_silenced(quiet):
+            import keras  # noqa: F401
+    return sys.modules["keras"]
+
+
 def _configure_tensorflow_threads(intra_op: int | None, inter_op: int | None) -> None:
     """Thread pools must be set before TensorFlow runs its first op; later calls are ignored."""
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
+    import_keras()
     import tensorflow as tf
 
     try:
@@ -334,7 +412,7 @@ class ClassifierService:
 
     def _load_model(self, intra_op: int | None, inter_op: int | None) -> None:
         _configure_tensorflow_threads(intra_op, inter_op)
-        import keras
+        keras = import_keras()
 
         try:
             self.model = keras.saving.load_model(self.model_path, compile=False)
@@ -464,8 +542,7 @@ class ClassifierService:
         score = float(probs[top])
         reason = None
         if abstain:
-            gate = self.operating_point.ood_gate
-            if gate is not None and gate.is_outside(scored.embedding[None])[0]:
+            if not self.operating_point.inside(scored.embedding[None])[0]:
                 reason = "out_of_distribution"
             elif score < self.operating_point.thresholds[tta][top_class]:
                 reason = "low_score"
@@ -478,17 +555,20 @@ class ClassifierService:
             mtime=fingerprint.mtime_ns / 1e9 if fingerprint else None, error=None,
         )
 
-    def _check_temperature(self, temperature: float) -> None:
-        """Refuse a non-positive temperature; warn about one the thresholds were not calibrated at.
+    def resolve_temperature(self, temperature: float | None) -> float:
+        """The temperature to apply: the calibrated one for None; warn about one the thresholds were not made at.
 
         (TTA on and off each have their own calibrated thresholds, so either setting is calibrated.)
         """
+        calibrated = self.operating_point.temperature
+        if temperature is None:
+            return calibrated
         if not temperature > 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
-        calibrated = self.operating_point.temperature
         if abs(temperature - calibrated) > 1e-9:
             logger.warning("temperature %.3g differs from the calibrated %.3g: thresholds may not hold their "
                            "precision", temperature, calibrated)
+        return temperature
 
     # ------------------------------------------------------------------ public API
 
@@ -497,11 +577,14 @@ class ClassifierService:
         paths: Iterable[str | os.PathLike[str]],
         batch_size: int = 32,
         tta: bool = True,
-        temperature: float = DEFAULT_TEMPERATURE,
+        temperature: float | None = None,
         abstain: bool = True,
     ) -> Iterator[PredictionRecord]:
-        """Stream one :class:`PredictionRecord` per path, in input order (generator form of predict_paths)."""
-        self._check_temperature(temperature)
+        """Stream one :class:`PredictionRecord` per path, in input order (generator form of predict_paths).
+
+        ``temperature=None`` applies the calibrated temperature of the operating point.
+        """
+        temperature = self.resolve_temperature(temperature)
         for scored in self.iter_scored(paths, batch_size, tta):
             yield self._record(scored, tta, temperature, abstain)
 
@@ -510,7 +593,7 @@ class ClassifierService:
         paths: Iterable[str | os.PathLike[str]],
         batch_size: int = 32,
         tta: bool = True,
-        temperature: float = DEFAULT_TEMPERATURE,
+        temperature: float | None = None,
         abstain: bool = True,
     ) -> list[PredictionRecord]:
         """Classify files; one record per path in input order (failed files carry ``error``)."""
@@ -521,12 +604,12 @@ class ClassifierService:
         images: Sequence[np.ndarray],
         batch_size: int = 32,
         tta: bool = True,
-        temperature: float = DEFAULT_TEMPERATURE,
+        temperature: float | None = None,
         abstain: bool = True,
         names: Sequence[str] | None = None,
     ) -> list[PredictionRecord]:
         """Classify 2-D pixel arrays already in memory through the same preprocessing as files."""
-        self._check_temperature(temperature)
+        temperature = self.resolve_temperature(temperature)
         names = list(names) if names is not None else [f"<array {i}>" for i in range(len(images))]
         if len(names) != len(images):
             raise ValueError(f"got {len(names)} names for {len(images)} images")
@@ -613,7 +696,7 @@ class RunOptions:
     output: Path
     batch_size: int = 32
     tta: bool = True
-    temperature: float = DEFAULT_TEMPERATURE
+    temperature: float | None = None  # None: the operating point's calibrated temperature
     abstain: bool = True
     include_probs: bool = False
     output_format: str = "json"
@@ -621,11 +704,17 @@ class RunOptions:
     previous_report: Path | None = None
     shard: tuple[int, int] | None = None
     progress: bool = True
+    extensions: tuple[str, ...] = data_loader.ARCHIVE_SUFFIXES
+
+    def scan(self) -> Iterator[Path]:
+        """The files this run covers, in scan order."""
+        return scan_paths(self.input_dir, self.shard, self.extensions)
 
 
 def _operating_point(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
     """The operating point a run applies, as the report's meta spells it."""
-    return {"thresholds": service.operating_point.thresholds[options.tta], "temperature": options.temperature,
+    temperature = service.operating_point.temperature if options.temperature is None else options.temperature
+    return {"thresholds": service.operating_point.thresholds[options.tta], "temperature": temperature,
             "tta": options.tta, "abstain": options.abstain}
 
 
@@ -634,7 +723,7 @@ def _run_key(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
     return {"input_dir": str(options.input_dir), "model_sha256": service.model_sha256,
             "scaler_sha256": service.scaler_sha256, "thresholds_sha256": service.thresholds_sha256,
             "operating_point": _operating_point(service, options),
-            "shard": list(options.shard) if options.shard else None}
+            "shard": list(options.shard) if options.shard else None, "extensions": list(options.extensions)}
 
 
 def _previous_records(path: Path | None, run_key: dict[str, Any], need_probs: bool) -> dict[str, dict[str, Any]]:
@@ -656,7 +745,7 @@ def _previous_records(path: Path | None, run_key: dict[str, Any], need_probs: bo
             if record["error"] is None and (record.get("probs") is not None or not need_probs)}
 
 
-def _progress_bar(enabled: bool, root: Path, shard: tuple[int, int] | None):
+def _progress_bar(enabled: bool, scan: Callable[[], Iterator[Path]]):
     if not enabled or not sys.stderr.isatty():
         return None
     from tqdm import tqdm
@@ -664,7 +753,7 @@ def _progress_bar(enabled: bool, root: Path, shard: tuple[int, int] | None):
     bar = tqdm(total=None, unit="file", desc="classifying", file=sys.stderr, dynamic_ncols=True)
 
     def count() -> None:  # the total arrives while inference already runs
-        bar.total = sum(1 for _ in scan_paths(root, shard))
+        bar.total = sum(1 for _ in scan())
         bar.refresh()
 
     threading.Thread(target=count, daemon=True, name="count-files").start()
@@ -673,6 +762,7 @@ def _progress_bar(enabled: bool, root: Path, shard: tuple[int, int] | None):
 
 def run_filesystem(service: ClassifierService, options: RunOptions) -> tuple[Counts, bool]:
     """Classify a tree into ``options.output`` via the checkpoint. Returns (counts, completed)."""
+    options = dataclasses.replace(options, temperature=service.resolve_temperature(options.temperature))
     journal_path = checkpoint_path(options.output)
     run_key = _run_key(service, options)
     journal = Checkpoint(journal_path, run_key)
@@ -683,7 +773,7 @@ def run_filesystem(service: ClassifierService, options: RunOptions) -> tuple[Cou
     previous = _previous_records(options.previous_report, run_key, options.include_probs)
     started_at = journal.first_started_at() or utc_now()
     journal.open_session(utc_now())
-    bar = _progress_bar(options.progress, options.input_dir, options.shard)
+    bar = _progress_bar(options.progress, options.scan)
     counts = Counts()
     try:
         with _StopRequested() as stop:
@@ -710,7 +800,7 @@ def _classify_into(service: ClassifierService, options: RunOptions, journal: Che
     carried: list[tuple[str, dict[str, Any]]] = []
 
     def to_classify() -> Iterator[Path]:
-        for path in scan_paths(root, options.shard):
+        for path in options.scan():
             relative = os.path.relpath(path, root).replace(os.sep, "/")
             fingerprint = FileFingerprint.of(path)
             current = fingerprint.value if fingerprint else None
@@ -777,6 +867,7 @@ def _report_meta(service: ClassifierService, options: RunOptions, started_at: st
         "batch_size": options.batch_size,
         "include_probs": options.include_probs,
         "input_dir": str(options.input_dir),
+        "extensions": list(options.extensions),
         "shard": f"{options.shard[0]}/{options.shard[1]}" if options.shard else None,
         "previous_report": str(options.previous_report) if options.previous_report else None,
         "started_at": started_at,
@@ -799,21 +890,28 @@ def _shard_arg(text: str) -> tuple[int, int]:
     return k, n
 
 
-def _positive_int(text: str) -> int:
+def _extensions_arg(text: str) -> tuple[str, ...]:
+    try:
+        return data_loader.parse_suffixes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc
+
+
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
         raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
     return value
 
 
-def _add_artifact_args(parser: argparse.ArgumentParser, thresholds: bool = True) -> None:
+def add_artifact_args(parser: argparse.ArgumentParser, thresholds: bool = True) -> None:
     parser.add_argument("--model_path", "--model-path", type=Path, default=DEFAULT_MODEL_PATH)
     parser.add_argument("--scaler_path", "--scaler-path", type=Path, default=DEFAULT_SCALER_PATH)
     if thresholds:
@@ -821,24 +919,22 @@ def _add_artifact_args(parser: argparse.ArgumentParser, thresholds: bool = True)
                             help="operating point JSON (default: the shipped one)")
         parser.add_argument("--allow-mismatch", action="store_true",
                             help="warn instead of refusing when model/scaler differ from what the thresholds pin")
-    parser.add_argument("--workers", type=_positive_int, default=None, help="decode threads (default: CPUs)")
-    parser.add_argument("--threads", type=_positive_int, default=None, help="TensorFlow intra-op threads")
+    parser.add_argument("--workers", type=positive_int, default=None, help="decode threads (default: CPUs)")
+    parser.add_argument("--threads", type=positive_int, default=None, help="TensorFlow intra-op threads")
     parser.add_argument("--hdu", default=None, help="FITS HDU index or EXTNAME to read (default: first image)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inference-runner", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
-
+def add_filesystem_command(commands: Any) -> None:
+    """Register ``filesystem`` on an ``add_subparsers()`` object."""
     fs = commands.add_parser("filesystem", help="classify every FITS/TIFF file under a directory")
     fs.add_argument("--input_dir", "--input-dir", type=Path, required=True)
     fs.add_argument("--output_json", "--output-json", type=Path, required=True)
     fs.add_argument("--output_format", "--output-format", choices=("json", "jsonl"), default="json")
-    fs.add_argument("--batch_size", "--batch-size", type=_positive_int, default=32)
-    fs.add_argument("--temperature", type=_positive_float, default=DEFAULT_TEMPERATURE)
+    fs.add_argument("--batch_size", "--batch-size", type=positive_int, default=32)
+    fs.add_argument("--temperature", type=positive_float, default=None,
+                    help="divide logits by this before softmax (default: the calibrated one)")
     fs.add_argument("--tta", action=argparse.BooleanOptionalAction, default=True,
                     help="average 4 flipped views per image (default: on)")
     fs.add_argument("--abstain_unknown", "--abstain-unknown", action=argparse.BooleanOptionalAction, default=True,
@@ -850,38 +946,30 @@ def build_parser() -> argparse.ArgumentParser:
                     help="reuse results of unchanged files from this earlier report")
     fs.add_argument("--shard", type=_shard_arg, default=None, help="K/N: take this machine's share of the tree")
     fs.add_argument("--fail-on-error", action="store_true", help="exit 1 when any file failed")
-    _add_artifact_args(fs)
+    fs.add_argument("--extensions", type=_extensions_arg, default=data_loader.ARCHIVE_SUFFIXES,
+                    help="comma-separated file extensions to walk, e.g. .fits,.fz,.tif,.jpg,.png "
+                         "(default: FITS and TIFF)")
+    add_artifact_args(fs)
+    fs.set_defaults(handler=_cmd_filesystem)
 
-    cal = commands.add_parser("calibrate", help="fit temperature and per-class thresholds on labelled data")
-    cal.add_argument("--labelled_dir", "--labelled-dir", type=Path, required=True,
-                     help="one sub-folder per class, named as the classes")
-    cal.add_argument("--class_names", "--class-names", default=None,
-                     help="comma-separated, in model output order (default: from --reference thresholds)")
-    cal.add_argument("--reference", type=Path, default=DEFAULT_THRESHOLDS_PATH,
-                     help="thresholds file to take class names from when --class_names is not given")
-    cal.add_argument("--temperature", type=_positive_float, default=DEFAULT_TEMPERATURE)
-    cal.add_argument("--target_precision", "--target-precision", type=float, default=0.95)
-    cal.add_argument("--ood_quantile", "--ood-quantile", type=float, default=0.95,
-                     help="calibration quantile of embedding distance beyond which files abstain (0: no gate)")
-    cal.add_argument("--output", type=Path, default=DEFAULT_THRESHOLDS_PATH)
-    cal.add_argument("--batch_size", "--batch-size", type=_positive_int, default=32)
-    _add_artifact_args(cal, thresholds=False)
 
-    ev = commands.add_parser("evaluate", help="metrics and plots of the operating point on labelled data")
-    ev.add_argument("--labelled_dir", "--labelled-dir", type=Path, required=True)
-    ev.add_argument("--ood_dir", "--ood-dir", type=Path, default=None, help="out-of-distribution images")
-    ev.add_argument("--output_dir", "--output-dir", type=Path, required=True)
-    ev.add_argument("--temperature", type=_positive_float, default=None, help="default: the calibrated one")
-    ev.add_argument("--batch_size", "--batch-size", type=_positive_int, default=32)
-    _add_artifact_args(ev)
+
+CommandRegistrar = Callable[[Any], None]
+
+
+def build_parser(registrars: Sequence[CommandRegistrar] = (add_filesystem_command,)) -> argparse.ArgumentParser:
+    """The ``inference-runner`` parser with the subcommands each registrar adds (this module: ``filesystem``)."""
+    parser = argparse.ArgumentParser(prog="inference-runner", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    for register in registrars:
+        register(commands)
     return parser
 
 
-def _configure_logging(quiet: bool, verbose: bool) -> None:
+def configure_logging(quiet: bool, verbose: bool) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if not verbose:
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def service_from_args(args: argparse.Namespace, **overrides: Any) -> ClassifierService:
@@ -902,7 +990,7 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
     output = args.output_json.absolute()
     if args.dry_run:
         count = 0
-        for path in scan_paths(input_dir, args.shard):
+        for path in scan_paths(input_dir, args.shard, args.extensions):
             print(path)
             count += 1
         print(f"dry run: {count} file(s) would be classified into {output}", file=sys.stderr)
@@ -920,7 +1008,8 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
     options = RunOptions(input_dir=input_dir, output=output, batch_size=args.batch_size, tta=args.tta,
                          temperature=args.temperature, abstain=args.abstain_unknown,
                          include_probs=args.include_probs, output_format=args.output_format, resume=args.resume,
-                         previous_report=args.previous_report, shard=args.shard, progress=not args.quiet)
+                         previous_report=args.previous_report, shard=args.shard, progress=not args.quiet,
+                         extensions=args.extensions)
     started = time.perf_counter()
     try:
         counts, completed = run_filesystem(service, options)
@@ -943,17 +1032,12 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
     return EXIT_FILE_ERRORS if args.fail_on_error and counts.errors else EXIT_OK
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python inference_runner.py`` and the ``inference-runner`` console script."""
-    args = build_parser().parse_args(argv)
-    _configure_logging(args.quiet, args.verbose)
-    if args.command == "filesystem":
-        return _cmd_filesystem(args)
-    import calibration
-
-    if args.command == "calibrate":
-        return calibration.cmd_calibrate(args)
-    return calibration.cmd_evaluate(args)
+def main(argv: Sequence[str] | None = None, registrars: Sequence[CommandRegistrar] = (add_filesystem_command,)
+         ) -> int:
+    """Parse, set up logging, run the chosen subcommand (``cli.main`` passes every module's registrar)."""
+    args = build_parser(registrars).parse_args(argv)
+    configure_logging(args.quiet, args.verbose)
+    return args.handler(args)
 
 
 if __name__ == "__main__":

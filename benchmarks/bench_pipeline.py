@@ -110,6 +110,9 @@ def main() -> int:
                   f"end-to-end {end_to_end:6.1f} files/s = {end_to_end / limit:.2f} of the limit"
                   f"{' (target >= 0.85)' if targets else ''}, {end_to_end / naive:.1f}x the naive loop"
                   f"{' (target >= 5)' if targets else ''}")
+            if tta:  # the model must never become the bottleneck of the pipeline
+                print(f"speed floor: model-only with TTA / decode-only = {model / decode:.2f} (target >= 1.00)"
+                      f"{'' if model >= decode else '  MISSED'}")
     print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
     return 0
 

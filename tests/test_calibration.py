@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 import calibration
+import cli
 import inference_runner as ir
 from training.simulator import CLASS_NAMES
 from training.train import write_labelled_directory
@@ -79,7 +80,7 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     (labelled / "galaxy" / "broken.fits").write_text("not fits")
     output = tmp_path / "thresholds.json"
     artifacts = ["--model_path", str(tiny_artifacts["model"]), "--scaler_path", str(tiny_artifacts["scaler"])]
-    assert ir.main(["calibrate", "--labelled_dir", str(labelled), "--class_names", ",".join(CLASS_NAMES),
+    assert cli.main(["calibrate", "--labelled_dir", str(labelled), "--class_names", ",".join(CLASS_NAMES),
                     "--output", str(output), "--quiet", *artifacts]) == 0
     document = json.loads(output.read_text())
     assert document["class_names"] == list(CLASS_NAMES) and document["temperature"] == 0.7
@@ -95,7 +96,7 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     assert service.operating_point.ood_gate is not None
 
     out_dir = tmp_path / "eval"
-    assert ir.main(["evaluate", "--labelled_dir", str(labelled), "--ood_dir", str(labelled / "nebula"),
+    assert cli.main(["evaluate", "--labelled_dir", str(labelled), "--ood_dir", str(labelled / "nebula"),
                     "--thresholds", str(output), "--output_dir", str(out_dir), "--quiet", *artifacts]) == 0
     result = json.loads((out_dir / "evaluation.json").read_text())
     assert result["tta"]["n"] == 20 and len(result["tta"]["confusion_matrix"]["counts"]) == 5
@@ -108,7 +109,7 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
 
 def test_calibrate_refuses_a_directory_without_class_folders(tiny_artifacts: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    code = ir.main(["calibrate", "--labelled_dir", str(tmp_path / "empty"), "--class_names", "a,b,c,d,e",
+    code = cli.main(["calibrate", "--labelled_dir", str(tmp_path / "empty"), "--class_names", "a,b,c,d,e",
                     "--model_path", str(tiny_artifacts["model"]), "--scaler_path", str(tiny_artifacts["scaler"]),
                     "--output", str(tmp_path / "t.json"), "--quiet"])
     assert code == ir.EXIT_ARTIFACTS and not (tmp_path / "t.json").exists()
@@ -117,17 +118,18 @@ def test_calibrate_refuses_a_directory_without_class_folders(tiny_artifacts: dic
 def test_training_smoke_run_produces_a_servable_model(tmp_path: Path) -> None:
     import joblib
 
-    from training.train import build_dataset, fit_scaler, rand_augment, train_model
+    from training.train import Recipe, fit_scaler, rand_augment, raw_features, simulated_dataset, train_model
 
-    data = build_dataset(per_class=6, seed=11, workers=1)
-    assert data.images.shape == (30, 448, 448) and data.images.dtype == np.float16
-    augmented = rand_augment(data.images[:4], np.random.default_rng(0))
+    data = simulated_dataset(per_class=6, seed=11, workers=1)
+    assert data.smalls.shape == (30, 448, 448) and data.smalls.dtype == np.float32
+    images = np.stack([ir.data_loader.sample_from_small(small).image for small in data.smalls[:4]])
+    augmented = rand_augment(images, np.random.default_rng(0))
     assert augmented.shape == (4, 448, 448) and augmented.min() >= 0 and augmented.max() <= 1
-    scaler = fit_scaler(data.features)
-    model = train_model(data, scaler, epochs=1, batch_size=8)
+    scaler = fit_scaler(raw_features(data))
+    model = train_model(data, scaler, list(CLASS_NAMES), Recipe(epochs=1, per_class=8, batch_size=8))
     model.save(tmp_path / "m.keras")
     joblib.dump(scaler, tmp_path / "s.joblib")
     service = ir.ClassifierService(tmp_path / "m.keras", tmp_path / "s.joblib",
                                    operating_point=ir.OperatingPoint.uncalibrated(CLASS_NAMES))
-    record = service.predict_arrays([data.images[0].astype(np.float32)])[0]
+    record = service.predict_arrays([data.smalls[0]])[0]
     assert record.error is None and record.top_class in CLASS_NAMES

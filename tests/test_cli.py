@@ -9,13 +9,14 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+import cli
 import inference_runner as ir
 from report import load_schema, read_report
 from tests.conftest import artifact_args
 
 
 def run_cli(artifacts: dict[str, Path], *args: str) -> int:
-    return ir.main(["filesystem", *args, *artifact_args(artifacts), "--quiet"])
+    return cli.main(["filesystem", *args, *artifact_args(artifacts), "--quiet"])
 
 
 def validate(report_path: Path) -> dict:
@@ -75,7 +76,7 @@ def test_jsonl_output_format(tiny_artifacts: dict[str, Path], mixed_dir: Path, t
 def test_dry_run_lists_files_and_loads_nothing(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     output = tmp_path / "r.json"
-    code = ir.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--dry-run",
+    code = cli.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--dry-run",
                     "--model_path", str(tmp_path / "absent.keras")])
     assert code == 0
     captured = capsys.readouterr()
@@ -88,10 +89,10 @@ def test_exit_codes(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: 
     output = tmp_path / "r.json"
     assert run_cli(tiny_artifacts, "--input_dir", str(tmp_path / "nope"), "--output_json", str(output)) == 2
     with pytest.raises(SystemExit) as usage:
-        ir.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--batch_size", "0"])
+        cli.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--batch_size", "0"])
     assert usage.value.code == 2
     with pytest.raises(SystemExit):
-        ir.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--shard", "3/2"])
+        cli.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--shard", "3/2"])
     missing = dict(tiny_artifacts, model=tmp_path / "missing.keras")
     assert run_cli(missing, "--input_dir", str(mixed_dir), "--output_json", str(output)) == ir.EXIT_ARTIFACTS
     assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir),
@@ -141,3 +142,48 @@ def test_shards_are_disjoint_stable_and_complete(mixed_dir: Path) -> None:
     assert sorted(p for shard in shards for p in shard) == sorted(everything)
     assert sum(len(s) for s in shards) == len(everything)
     assert shards[0] == [str(p) for p in ir.scan_paths(mixed_dir, (1, 3))]
+
+
+def test_tensorflow_start_up_lines_only_with_verbose(tiny_artifacts: dict[str, Path], mixed_dir: Path,
+                                                     tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    root = Path(ir.__file__).parent
+
+    def run(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, str(root / "cli.py"), "filesystem", "--input_dir", str(mixed_dir),
+                               "--output_json", str(tmp_path / f"r{len(extra)}.json"), *artifact_args(tiny_artifacts),
+                               *extra], capture_output=True, text=True, env=env, timeout=300)
+
+    quiet = run()
+    assert quiet.returncode == 0, quiet.stderr
+    for chatter in ("oneDNN", "cuInit", "absl", "cuda", "I0000", "E0000"):
+        assert chatter not in quiet.stderr, quiet.stderr
+    assert "corrupt.fits" in quiet.stderr, "the tool's own warnings still show"
+    verbose = run("--verbose")
+    assert verbose.returncode == 0 and "oneDNN" in verbose.stderr
+
+    version = subprocess.run([sys.executable, str(root / "cli.py"), "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip() == f"inference-runner {ir.__version__}"
+
+
+def test_extensions_widen_the_walk(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    Image.new("L", (64, 64), 30).save(mixed_dir / "press.jpg")
+    Image.new("L", (64, 64), 30).save(mixed_dir / "night1" / "thumb.png")
+    default = tmp_path / "default.json"
+    widened = tmp_path / "widened.json"
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(default)) == ir.EXIT_OK
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(widened),
+                   "--extensions", ".fits,.fz,.tif,.tiff,.jpg,.png") == ir.EXIT_OK
+    plain, wide = validate(default), validate(widened)
+    assert not any(r["path"].endswith((".jpg", ".png")) for r in plain["results"])
+    added = [r for r in wide["results"] if r["path"].endswith((".jpg", ".png"))]
+    assert len(added) == 2 and all(r["error"] is None for r in added)
+    assert wide["meta"]["extensions"] == [".fits", ".fz", ".tif", ".tiff", ".jpg", ".png"]
+    with pytest.raises(SystemExit):
+        run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(tmp_path / "x.json"),
+                "--extensions", ".gif")

@@ -14,6 +14,7 @@ from pathlib import Path
 import jsonschema
 import pytest
 
+import cli
 import inference_runner as ir
 from report import load_schema
 from tests.conftest import ROOT, artifact_args
@@ -31,7 +32,7 @@ def many_files(tmp_path: Path) -> Path:
     return root
 
 
-def cli(artifacts: dict[str, Path], input_dir: Path, output: Path, *extra: str) -> list[str]:
+def run_args(artifacts: dict[str, Path], input_dir: Path, output: Path, *extra: str) -> list[str]:
     return [sys.executable, str(ROOT / "inference_runner.py"), "filesystem", "--input_dir", str(input_dir),
             "--output_json", str(output), "--batch_size", "4", "--workers", "1", "--quiet",
             *artifact_args(artifacts), *extra]
@@ -67,14 +68,14 @@ def test_sigkill_at_random_points_then_resume(tiny_artifacts: dict[str, Path], m
     kills = 0
     for trial in range(3):
         extra = ["--resume"] if checkpoint.exists() else []
-        result = start_and_kill_after(cli(tiny_artifacts, many_files, output, *extra), checkpoint,
+        result = start_and_kill_after(run_args(tiny_artifacts, many_files, output, *extra), checkpoint,
                                       records=rng.randint(4, 40) if trial < 2 else 10**9, sig=signal.SIGKILL)
         if result.returncode == -signal.SIGKILL:
             kills += 1
             assert not output.exists(), "a killed run leaves no report (and never a torn one)"
     assert kills >= 1
     if not output.exists():
-        final = subprocess.run(cli(tiny_artifacts, many_files, output, "--resume"), capture_output=True, text=True)
+        final = subprocess.run(run_args(tiny_artifacts, many_files, output, "--resume"), capture_output=True, text=True)
         assert final.returncode == 0, final.stderr
     check_complete_report(output, many_files)
     assert not checkpoint.exists()
@@ -84,14 +85,14 @@ def test_sigterm_stops_cleanly_and_says_how_to_resume(tiny_artifacts: dict[str, 
                                                        tmp_path: Path) -> None:
     output = tmp_path / "report.json"
     checkpoint = ir.checkpoint_path(output)
-    stopped = start_and_kill_after(cli(tiny_artifacts, many_files, output), checkpoint, 8, signal.SIGTERM)
+    stopped = start_and_kill_after(run_args(tiny_artifacts, many_files, output), checkpoint, 8, signal.SIGTERM)
     assert stopped.returncode == ir.EXIT_INTERRUPTED, stopped.stderr
     assert "--resume" in stopped.stderr
     lines = checkpoint.read_text().splitlines()
     assert all(json.loads(line) for line in lines), "the checkpoint holds whole lines only"
-    refused = subprocess.run(cli(tiny_artifacts, many_files, output), capture_output=True, text=True)
+    refused = subprocess.run(run_args(tiny_artifacts, many_files, output), capture_output=True, text=True)
     assert refused.returncode == ir.EXIT_USAGE and "--resume" in refused.stderr
-    resumed = subprocess.run(cli(tiny_artifacts, many_files, output, "--resume"), capture_output=True, text=True)
+    resumed = subprocess.run(run_args(tiny_artifacts, many_files, output, "--resume"), capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     check_complete_report(output, many_files)
 
@@ -102,7 +103,7 @@ def test_resume_tolerates_a_torn_line_and_redoes_changed_files(tiny_artifacts: d
     checkpoint = ir.checkpoint_path(output)
     base = ["filesystem", "--input_dir", str(many_files), "--output_json", str(output), "--batch_size", "4",
             "--quiet", *artifact_args(tiny_artifacts)]
-    assert ir.main(base) == 0
+    assert cli.main(base) == 0
     first = json.loads(output.read_text())
     # Rebuild an interrupted state: the first 20 records, then half a line.
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
@@ -114,7 +115,7 @@ def test_resume_tolerates_a_torn_line_and_redoes_changed_files(tiny_artifacts: d
     checkpoint.write_text("\n".join(lines) + "\n" + lines[-1][: len(lines[-1]) // 2])
     changed = Path(first["results"][5]["path"])
     os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
-    assert ir.main([*base, "--resume"]) == 0
+    assert cli.main([*base, "--resume"]) == 0
     second = check_complete_report(output, many_files)
     by_path = {r["path"]: r for r in second["results"]}
     assert by_path[str(changed)]["fingerprint"] != first["results"][5]["fingerprint"]
@@ -128,7 +129,7 @@ def test_resume_with_other_settings_is_refused(tiny_artifacts: dict[str, Path], 
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
     key = ir._run_key(service, ir.RunOptions(input_dir=many_files, output=output, tta=False))
     ir.checkpoint_path(output).write_text(json.dumps({"kind": "header", "run_key": key, "started_at": "x"}) + "\n")
-    code = ir.main(["filesystem", "--input_dir", str(many_files), "--output_json", str(output), "--resume",
+    code = cli.main(["filesystem", "--input_dir", str(many_files), "--output_json", str(output), "--resume",
                     "--quiet", *artifact_args(tiny_artifacts)])
     assert code == ir.EXIT_USAGE
     assert "other settings" in capsys.readouterr().err
@@ -137,10 +138,10 @@ def test_resume_with_other_settings_is_refused(tiny_artifacts: dict[str, Path], 
 def test_killed_rerun_keeps_the_previous_report_intact(tiny_artifacts: dict[str, Path], many_files: Path,
                                                        tmp_path: Path) -> None:
     output = tmp_path / "report.json"
-    done = subprocess.run(cli(tiny_artifacts, many_files, output), capture_output=True, text=True)
+    done = subprocess.run(run_args(tiny_artifacts, many_files, output), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     before = output.read_bytes()
-    killed = start_and_kill_after(cli(tiny_artifacts, many_files, output), ir.checkpoint_path(output), 12,
+    killed = start_and_kill_after(run_args(tiny_artifacts, many_files, output), ir.checkpoint_path(output), 12,
                                   signal.SIGKILL)
     assert killed.returncode == -signal.SIGKILL
     assert output.read_bytes() == before
@@ -152,15 +153,15 @@ def test_file_deleted_mid_run_becomes_an_error_record(tiny_artifacts: dict[str, 
     victim = sorted((many_files / "d0").glob("*.tif"))[-1]  # listed with the first file, read later
     real_scan = ir.scan_paths
 
-    def scan_then_delete(root: Path, shard: object = None):
-        for index, path in enumerate(real_scan(root, shard)):
+    def scan_then_delete(root: Path, shard: object = None, suffixes: tuple[str, ...] = ir.data_loader.ARCHIVE_SUFFIXES):
+        for index, path in enumerate(real_scan(root, shard, suffixes)):
             yield path
             if index == 0 and victim.exists():
                 victim.unlink()  # listed by the scan, gone before it is read
 
     monkeypatch.setattr(ir, "scan_paths", scan_then_delete)
     output = tmp_path / "report.json"
-    assert ir.main(["filesystem", "--input_dir", str(many_files), "--output_json", str(output), "--quiet",
+    assert cli.main(["filesystem", "--input_dir", str(many_files), "--output_json", str(output), "--quiet",
                     *artifact_args(tiny_artifacts)]) == 0
     document = json.loads(output.read_text())
     record = next(r for r in document["results"] if r["path"] == str(victim))
@@ -172,11 +173,11 @@ def test_previous_report_reuses_unchanged_files(tiny_artifacts: dict[str, Path],
                                                 tmp_path: Path) -> None:
     first, second = tmp_path / "first.json", tmp_path / "second.json"
     base = ["filesystem", "--input_dir", str(many_files), "--quiet", *artifact_args(tiny_artifacts)]
-    assert ir.main([*base, "--output_json", str(first)]) == 0
+    assert cli.main([*base, "--output_json", str(first)]) == 0
     changed = sorted(many_files.rglob("*.fit"))[0]
     write_frame(render_frame("galaxy", 999, 128), changed.with_suffix(""), "fits_int16")
     (many_files / "d0" / "new.fits").write_bytes(changed.read_bytes())
-    assert ir.main([*base, "--output_json", str(second), "--previous_report", str(first)]) == 0
+    assert cli.main([*base, "--output_json", str(second), "--previous_report", str(first)]) == 0
     document = json.loads(second.read_text())
     jsonschema.validate(document, load_schema())
     counts = document["meta"]["counts"]
@@ -188,9 +189,9 @@ def test_previous_report_reuses_unchanged_files(tiny_artifacts: dict[str, Path],
         if record["reused"]:
             assert record["class"] == old[record["path"]]["class"]
     with_probs = tmp_path / "with_probs.json"
-    assert ir.main([*base, "--output_json", str(with_probs), "--previous_report", str(first), "--include-probs"]) == 0
+    assert cli.main([*base, "--output_json", str(with_probs), "--previous_report", str(first), "--include-probs"]) == 0
     assert json.loads(with_probs.read_text())["meta"]["counts"]["reused"] == 0, "old records lack probabilities"
     other_temperature = tmp_path / "third.json"
-    assert ir.main([*base, "--output_json", str(other_temperature), "--previous_report", str(first),
+    assert cli.main([*base, "--output_json", str(other_temperature), "--previous_report", str(first),
                     "--temperature", "1.0"]) == 0
     assert json.loads(other_temperature.read_text())["meta"]["counts"]["reused"] == 0

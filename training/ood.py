@@ -1,9 +1,12 @@
-"""Out-of-distribution images the classifier must abstain on.
+"""Out-of-distribution images the classifier must abstain on, one folder per kind.
 
-Real photographs bundled with scikit-image (astronomical ones excluded) in
-crops, rotations and sizes, plus text pages, pure noise, gradients,
-checkerboards and stripes. Written as RGB/grey TIFF and float FITS, the
-formats a misfiled non-astronomical image arrives in.
+Kinds: photographs bundled with scikit-image (astronomical ones excluded),
+photographs from another source (scikit-learn's and matplotlib's sample
+images), the Moon, text pages, noise, gradients, checkerboards and stripes,
+planet-like discs, spectrum-like stripes and radio-map-like blobs; each in
+crops, rotations and sizes. Written as RGB/grey TIFF and float FITS, the
+formats a misfiled non-astronomical image arrives in. The OOD gate is fitted
+on in-distribution embeddings only, so every kind here is held out from it.
 """
 
 from __future__ import annotations
@@ -37,6 +40,32 @@ def photographs() -> list[np.ndarray]:
     if faces.exists():
         images += [np.asarray(face, dtype=np.float32) * 255 for face in np.load(faces)[::5]]
     return images
+
+
+def other_photographs() -> list[np.ndarray]:
+    """Greyscale photographs that are not scikit-image's: scikit-learn's and matplotlib's sample images."""
+    found = []
+    for package, folder, names in (("sklearn.datasets", "images", ("china.jpg", "flower.jpg")),
+                                   ("matplotlib", "mpl-data/sample_data",
+                                    ("grace_hopper.jpg", "Minduka_Present_Blue_Pack.png"))):
+        spec = importlib.util.find_spec(package)
+        if spec is None or spec.origin is None:
+            continue
+        for name in names:
+            path = Path(spec.origin).parent / folder / name
+            if path.exists():
+                with Image.open(path) as image:
+                    found.append(np.asarray(image.convert("L"), dtype=np.float32))
+    return found
+
+
+def moon() -> list[np.ndarray]:
+    """scikit-image's Moon photograph (the taxonomy has no Moon class)."""
+    spec = importlib.util.find_spec("skimage")
+    if spec is None or spec.origin is None:
+        return []
+    with Image.open(Path(spec.origin).parent / "data" / "moon.png") as image:
+        return [np.asarray(image.convert("L"), dtype=np.float32)]
 
 
 def _crop_variants(image: np.ndarray, rng: np.random.Generator, count: int) -> list[np.ndarray]:
@@ -88,26 +117,69 @@ def _checkerboard(rng: np.random.Generator, size: int) -> np.ndarray:
     return (np.sin(x / cell * np.pi * rng.uniform(0.3, 1)) > 0).astype(np.float32) * 255  # stripes
 
 
-SYNTHETIC = {"text": _text_page, "noise": _noise, "gradient": _gradient, "checkerboard": _checkerboard}
+def _planet(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A limb-darkened disc with latitude bands (or a ring) on black sky."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    radius = size * rng.uniform(0.15, 0.45)
+    cx, cy = size / 2 + rng.uniform(-0.1, 0.1, 2) * size
+    r = np.hypot(x - cx, y - cy) / radius
+    disc = np.sqrt(np.clip(1 - r**2, 0, 1)) ** rng.uniform(0.3, 1.0)
+    bands = 1 + 0.3 * np.sin((y - cy) / radius * rng.uniform(4, 14) + rng.uniform(0, 6))
+    image = disc * bands * 1000
+    if rng.random() < 0.3:
+        ring = np.abs(np.hypot((x - cx), (y - cy) * rng.uniform(2, 4)) / radius - 1.8) < 0.15
+        image += ring * 400
+    return image + rng.normal(0, 2, (size, size))
 
 
-def ood_images(seed: int = 7, per_photo: int = 5, per_synthetic: int = 30) -> list[tuple[str, np.ndarray]]:
-    """(name, greyscale image) pairs: photo crops and synthetic non-astronomical patterns."""
+def _spectrum(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A long-slit spectrum: a horizontal continuum trace with absorption lines and vertical sky lines."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    trace = np.exp(-0.5 * ((y - size / 2 - rng.uniform(-20, 20)) / rng.uniform(2, 10)) ** 2)
+    continuum = 1 + 0.5 * np.sin(x / size * rng.uniform(1, 4))
+    for centre in rng.uniform(0, size, int(rng.integers(5, 30))):
+        continuum *= 1 - rng.uniform(0.2, 0.9) * np.exp(-0.5 * ((x - centre) / rng.uniform(1, 3)) ** 2)
+    sky = sum(rng.uniform(0.2, 2) * np.exp(-0.5 * ((x - c) / 1.5) ** 2) for c in rng.uniform(0, size, 12))
+    return (trace * continuum * 1000 + sky * 200 + rng.normal(0, 5, (size, size))).astype(np.float32)
+
+
+def _radio_map(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A radio-map look: a few smooth elliptical lobes with correlated (beam-smoothed) noise and sidelobes."""
+    from scipy import ndimage
+
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32)
+    image = ndimage.gaussian_filter(rng.normal(0, 1, (size, size)), rng.uniform(3, 8)) * 20
+    for _ in range(int(rng.integers(1, 5))):
+        cx, cy = rng.uniform(0.2, 0.8, 2) * size
+        sx, sy = rng.uniform(0.03, 0.15, 2) * size
+        image += rng.uniform(50, 500) * np.exp(-0.5 * (((x - cx) / sx) ** 2 + ((y - cy) / sy) ** 2))
+    return image.astype(np.float32)
+
+
+SYNTHETIC = {"text": _text_page, "noise": _noise, "gradient": _gradient, "checkerboard": _checkerboard,
+             "planet": _planet, "spectrum": _spectrum, "radio_map": _radio_map}
+
+
+def ood_images(seed: int = 7, per_photo: int = 5, per_synthetic: int = 30) -> list[tuple[str, str, np.ndarray]]:
+    """(kind, name, greyscale image) triples: photo crops per source, the Moon and synthetic patterns."""
     rng = np.random.default_rng(seed)
     images = []
-    for index, photo in enumerate(photographs()):
-        count = per_photo if photo.shape[0] >= 128 else 1
-        images += [(f"photo{index:03d}_{k}", crop) for k, crop in enumerate(_crop_variants(photo, rng, count))]
+    for kind, photos, count in (("photo_skimage", photographs(), per_photo),
+                                ("photo_other", other_photographs(), 4 * per_photo),
+                                ("moon", moon(), per_synthetic)):
+        for index, photo in enumerate(photos):
+            variants = _crop_variants(photo, rng, count if photo.shape[0] >= 128 else 1)
+            images += [(kind, f"{kind}{index:03d}_{k}", crop) for k, crop in enumerate(variants)]
     for kind, make in SYNTHETIC.items():
-        images += [(f"{kind}_{k:03d}", make(rng, int(rng.choice((256, 384, 512))))) for k in range(per_synthetic)]
+        images += [(kind, f"{kind}_{k:03d}", make(rng, int(rng.choice((256, 384, 512))))) for k in range(per_synthetic)]
     return images
 
 
-def write_ood_directory(directory: Path, seed: int = 7) -> Path:
-    """Write the OOD set as a mix of TIFF and FITS files; returns ``directory``."""
-    directory.mkdir(parents=True, exist_ok=True)
+def write_ood_directory(directory: Path, seed: int = 7, per_photo: int = 5, per_synthetic: int = 30) -> Path:
+    """Write the OOD set under ``directory/<kind>/`` as a mix of TIFF and FITS files; returns ``directory``."""
     variants = ("tiff_uint16", "tiff_float32", "fits_float32", "tiff_rgb8")
-    for index, (name, image) in enumerate(ood_images(seed)):
-        write_frame(np.ascontiguousarray(image, dtype=np.float32), directory / name, variants[index % len(variants)],
-                    seed=index)
+    for index, (kind, name, image) in enumerate(ood_images(seed, per_photo, per_synthetic)):
+        (directory / kind).mkdir(parents=True, exist_ok=True)
+        write_frame(np.ascontiguousarray(image, dtype=np.float32), directory / kind / name,
+                    variants[index % len(variants)], seed=index)
     return directory

@@ -14,19 +14,26 @@ the operating point and evaluate on a held-out set with another seed, through
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 import data_loader
+from inference_runner import _embedding_tensor, import_keras
+from training import real_data
+from training.augment import single_band, style_augment
+from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
 from training.ood import write_ood_directory
+from training.real_data import LabelledFile
 from training.simulator import CLASS_NAMES, FILE_VARIANTS, render_frame, write_frame
 
 logger = logging.getLogger(__name__)
@@ -36,15 +43,34 @@ SCALER_NAME = "feature_scaler.joblib"
 THRESHOLDS_NAME = "thresholds_prod_precision.json"
 FRAME_SIZES = (256, 384, 512, 640, 768, 1024)
 TRAIN_SEED, CALIBRATION_SEED, TEST_SEED = 1, 2, 3
+OUTLIER_LABEL = "outlier"
+# Kinds of training/ood.py used for outlier exposure and the learned gate; the others (photographs from another
+# source, the Moon, planets, spectra, radio maps) are never seen before evaluation.
+OUTLIER_KINDS = ("photo_skimage", "text", "noise", "checkerboard", "gradient")
+OUTLIER = -1  # the label of outlier-exposure images: trained towards the uniform distribution
+OOD_FIT_SEED = 8  # the evaluation OOD set uses write_ood_directory's default seed (7): other images of each kind
 
 
 @dataclass
 class Dataset:
-    """Preprocessed samples, compact: images as float16, raw (unscaled) features as float32."""
+    """Training planes before stretch (``data_loader.load_small``), with class and origin per sample.
 
-    images: np.ndarray  # (N, 448, 448) float16
-    features: np.ndarray  # (N, N_FEATURES) float32
+    Keeping the unstretched plane lets augmentation change a frame's look and
+    then recompute image *and* features through ``data_loader.sample_from_small``.
+    """
+
+    smalls: np.ndarray  # (N, 448, 448) float32
     labels: np.ndarray  # (N,) int
+    groups: np.ndarray  # (N,) str: "sim" or the real source; sampling balances them within a class
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @staticmethod
+    def concat(parts: list[Dataset]) -> Dataset:
+        parts = [p for p in parts if len(p)]
+        return Dataset(np.concatenate([p.smalls for p in parts]), np.concatenate([p.labels for p in parts]),
+                       np.concatenate([p.groups for p in parts]))
 
 
 def _frame_spec(label_index: int, index: int, seed: int) -> tuple[str, int, int, str]:
@@ -63,33 +89,68 @@ def write_labelled_file(directory: Path, label_index: int, index: int, seed: int
                        seed=frame_seed)
 
 
-def _sample_worker(args: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray, int]:
+def _simulated_small(args: tuple[int, int, int]) -> np.ndarray:
     label_index, index, seed = args
     with tempfile.TemporaryDirectory() as scratch:
         path = write_labelled_file(Path(scratch), label_index, index, seed)
-        sample = data_loader.load_sample(path)  # the production path, on a real file
-    return sample.image.astype(np.float16), sample.features, label_index
+        return data_loader.load_small(path)[0]  # the production path, on a real file
 
 
-def build_dataset(per_class: int, seed: int, workers: int = os.cpu_count() or 1) -> Dataset:
-    """Simulate ``per_class`` files of each class and preprocess them through data_loader."""
+def _real_smalls(job: tuple[Path, int | None]) -> list[np.ndarray] | str:
+    """A real file's plane, plus a single-band view of it when ``job`` carries a seed and it is colour."""
+    path, band_seed = job
+    try:
+        smalls = [data_loader.load_small(path)[0]]
+    except data_loader.ImageLoadError as exc:
+        return exc.cause
+    band = single_band(path, np.random.default_rng(band_seed)) if band_seed is not None else None
+    return smalls if band is None else [*smalls, band]
+
+
+def simulated_dataset(per_class: int, seed: int, workers: int = os.cpu_count() or 1) -> Dataset:
+    """Simulate ``per_class`` files of each class, write them as archive files and read them back."""
     jobs = [(label_index, index, seed) for index in range(per_class) for label_index in range(len(CLASS_NAMES))]
     with ProcessPoolExecutor(max_workers=workers, initializer=data_loader.tune_malloc) as pool:
-        results = list(pool.map(_sample_worker, jobs, chunksize=8))
-    images, features, labels = zip(*results)
-    return Dataset(np.stack(images), np.stack(features), np.array(labels))
+        smalls = list(pool.map(_simulated_small, jobs, chunksize=8))
+    return Dataset(np.stack(smalls), np.array([label for label, _, _ in jobs]), np.full(len(jobs), "sim"))
 
 
-def load_or_build_dataset(cache: Path | None, per_class: int) -> Dataset:
-    """Reuse a cached npz of preprocessed samples when it matches ``per_class``, else build (and cache) it."""
-    if cache is not None and cache.exists():
-        with np.load(cache) as stored:
-            if int(stored["per_class"]) == per_class:
-                return Dataset(stored["images"], stored["features"], stored["labels"])
-    data = build_dataset(per_class, TRAIN_SEED)
-    if cache is not None:
-        np.savez(cache, images=data.images, features=data.features, labels=data.labels, per_class=per_class)
-    return data
+def real_dataset(files: list[LabelledFile], class_names: list[str], single_bands: bool = False,
+                 workers: int = os.cpu_count() or 1) -> tuple[Dataset, list[tuple[str, str]]]:
+    """Read real labelled files (and, with ``single_bands``, one single-band view of each colour photograph);
+    unreadable ones are returned as (path, cause) and left out."""
+    jobs = [(f.path, index if single_bands else None) for index, f in enumerate(files)]
+    with ProcessPoolExecutor(max_workers=workers, initializer=data_loader.tune_malloc) as pool:
+        loaded = list(pool.map(_real_smalls, jobs, chunksize=8))
+    failed = [(str(f.path), smalls) for f, smalls in zip(files, loaded) if isinstance(smalls, str)]
+    kept = [(f, small) for f, smalls in zip(files, loaded) if not isinstance(smalls, str) for small in smalls]
+    if not kept:
+        return Dataset(np.empty((0, data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE), np.float32),
+                       np.empty(0, int), np.empty(0, str)), failed
+    return Dataset(np.stack([small for _, small in kept]), np.array([class_names.index(f.label) for f, _ in kept]),
+                   np.array([f.source for f, _ in kept])), failed
+
+
+def outlier_dataset(ood_dir: Path, kinds: list[str], workers: int = os.cpu_count() or 1) -> Dataset:
+    """Out-of-distribution images of ``kinds`` (sub-folders of ``ood_dir``) for outlier exposure."""
+    files = [LabelledFile(path, OUTLIER_LABEL, kind, path.name) for kind in kinds
+             for path in sorted((ood_dir / kind).iterdir())]
+    data, failed = real_dataset(files, [OUTLIER_LABEL], workers=workers)
+    for path, cause in failed:
+        logger.warning("%s: outlier image unreadable: %s", path, cause)
+    return Dataset(data.smalls, np.full(len(data), OUTLIER), data.groups)
+
+
+def cap_per_source_class(files: list[LabelledFile], cap: int, seed: int = 0) -> list[LabelledFile]:
+    """At most ``cap`` files of each (source, class), a seeded random choice: no source drowns the others."""
+    rng = np.random.default_rng(seed)
+    by_group: dict[tuple[str, str], list[LabelledFile]] = {}
+    for item in files:
+        by_group.setdefault((item.source, item.label), []).append(item)
+    kept = []
+    for group in by_group.values():
+        kept += [group[i] for i in sorted(rng.choice(len(group), min(cap, len(group)), replace=False))]
+    return kept
 
 
 def write_labelled_directory(directory: Path, per_class: int, seed: int, workers: int = os.cpu_count() or 1) -> Path:
@@ -105,7 +166,7 @@ def write_labelled_directory(directory: Path, per_class: int, seed: int, workers
 
 def build_model(n_classes: int, n_features: int, image_size: int = data_loader.IMAGE_SIZE, width: int = 1):
     """Two-input CNN sized for CPU serving; outputs logits (temperature is applied outside)."""
-    import keras
+    keras = import_keras()
     from keras import layers
 
     image_in = keras.Input((image_size, image_size, 1), name="image")
@@ -127,7 +188,7 @@ def build_model(n_classes: int, n_features: int, image_size: int = data_loader.I
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int):
     """Linear warmup to ``peak`` then cosine decay to zero."""
-    import keras
+    keras = import_keras()
 
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=peak * 0.02,
@@ -180,45 +241,147 @@ def _shift(image: np.ndarray, rng: np.random.Generator, m: float) -> np.ndarray:
 _AUGMENT_OPS = (_brightness, _contrast, _gamma, _noise, _blur, _shift)
 
 
-def _batches(data: Dataset, scaled: np.ndarray, batch_size: int, rng: np.random.Generator, mixup_alpha: float):
-    """One epoch of augmented, mixed-up batches (inputs dict, soft labels)."""
-    order = rng.permutation(len(data.labels))
-    n_classes = len(CLASS_NAMES)
-    for start in range(0, len(order) - batch_size + 1, batch_size):
-        idx = order[start : start + batch_size]
-        images = rand_augment(data.images[idx], rng)[..., None]
-        features = scaled[idx]
-        targets = np.eye(n_classes, dtype=np.float32)[data.labels[idx]]
-        if mixup_alpha > 0:
-            lam = rng.beta(mixup_alpha, mixup_alpha, size=(batch_size, 1)).astype(np.float32)
-            perm = rng.permutation(batch_size)
-            images = lam[:, :, None, None] * images + (1 - lam[:, :, None, None]) * images[perm]
-            features = lam * features + (1 - lam) * features[perm]
-            targets = lam * targets + (1 - lam) * targets[perm]
-        yield {"image": images, "features": features}, targets
+def epoch_indices(data: Dataset, n_classes: int, per_class: int, real_share: float, rng: np.random.Generator,
+                  outlier_share: float = 0.0) -> np.ndarray:
+    """One epoch's sample indices: ``per_class`` draws per class, ``real_share`` of them real where a class has
+    real files, and the real draws spread evenly over the sources of that class (then over its files).
+
+    Balancing sources within a class is what keeps a few hundred processed photographs from being drowned by
+    thousands of survey cutouts, and keeps style from standing in for class. Outliers (label ``OUTLIER``)
+    add ``outlier_share * per_class`` draws, their kinds balanced.
+    """
+    picks = []
+    outliers = np.nonzero(data.labels == OUTLIER)[0]
+    if len(outliers) and outlier_share > 0:
+        _, inverse, counts = np.unique(data.groups[outliers], return_inverse=True, return_counts=True)
+        weights = 1.0 / counts[inverse]
+        picks.append(rng.choice(outliers, round(outlier_share * per_class), p=weights / weights.sum()))
+    for label in range(n_classes):
+        in_class = data.labels == label
+        sim = np.nonzero(in_class & (data.groups == "sim"))[0]
+        real = np.nonzero(in_class & (data.groups != "sim"))[0]
+        n_real = per_class if not len(sim) else round(per_class * real_share) if len(real) else 0
+        if n_real and len(real):
+            sources, inverse, counts = np.unique(data.groups[real], return_inverse=True, return_counts=True)
+            weights = 1.0 / (counts[inverse] * len(sources))
+            picks.append(rng.choice(real, n_real, p=weights / weights.sum()))
+        if len(sim) and per_class > n_real:
+            picks.append(rng.choice(sim, per_class - n_real, replace=len(sim) < per_class - n_real))
+    return rng.permutation(np.concatenate(picks)) if picks else np.empty(0, int)
 
 
-def train_model(data: Dataset, scaler, epochs: int, batch_size: int = 32, peak_lr: float = 2e-3,
-                mixup_alpha: float = 0.2, seed: int = 0, width: int = 1):
-    """Train the two-input model with augmentation, mixup and warmup-then-cosine decay."""
-    import keras
+def augmented_inputs(smalls: np.ndarray, scaler, rng: np.random.Generator, style_strength: float
+                     ) -> tuple[np.ndarray, np.ndarray]:
+    """Style-augment planes, preprocess them as production does, then the RandAugment view ops on the images."""
+    images, features = [], []
+    for small in smalls:
+        sample = data_loader.sample_from_small(style_augment(small, rng, style_strength) if style_strength else small)
+        images.append(sample.image)
+        features.append(sample.features)
+    return rand_augment(np.stack(images), rng), data_loader.apply_scaler(np.stack(features), scaler)
 
-    keras.utils.set_random_seed(seed)
+
+def _batch(data: Dataset, idx: np.ndarray, scaler, n_classes: int, seed: int, mixup_alpha: float,
+           style_strength: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
     rng = np.random.default_rng(seed)
-    scaled = data_loader.apply_scaler(data.features, scaler)
-    model = build_model(len(CLASS_NAMES), data_loader.N_FEATURES, width=width)
-    steps_per_epoch = max(len(data.labels) // batch_size, 1)
-    schedule = warmup_cosine(peak_lr, warmup_steps=steps_per_epoch, total_steps=steps_per_epoch * epochs)
+    images, features = augmented_inputs(data.smalls[idx], scaler, rng, style_strength)
+    images = images[..., None]
+    # outlier exposure: a non-astronomical image's target is "no class", the uniform distribution
+    targets = np.vstack([np.eye(n_classes, dtype=np.float32), np.full((1, n_classes), 1.0 / n_classes,
+                                                                      dtype=np.float32)])[data.labels[idx]]
+    if mixup_alpha > 0:
+        lam = rng.beta(mixup_alpha, mixup_alpha, size=(len(idx), 1)).astype(np.float32)
+        perm = rng.permutation(len(idx))
+        images = lam[:, :, None, None] * images + (1 - lam[:, :, None, None]) * images[perm]
+        features = lam * features + (1 - lam) * features[perm]
+        targets = lam * targets + (1 - lam) * targets[perm]
+    return {"image": images, "features": features}, targets
+
+
+def _batches(data: Dataset, order: np.ndarray, scaler, n_classes: int, batch_size: int, rng: np.random.Generator,
+             mixup_alpha: float, style_strength: float):
+    """The epoch's batches, the next one prepared in a thread while the model trains on this one."""
+    jobs = iter([(order[start:start + batch_size], int(seed)) for start, seed in
+                 zip(range(0, len(order) - batch_size + 1, batch_size), rng.integers(2**63, size=len(order)))])
+    with ThreadPoolExecutor(1, thread_name_prefix="augment") as pool:
+        def submit(job: tuple[np.ndarray, int]):
+            return pool.submit(_batch, data, job[0], scaler, n_classes, job[1], mixup_alpha, style_strength)
+
+        pending = [submit(job) for job in itertools.islice(jobs, 1)]
+        while pending:
+            current = pending.pop()
+            following = next(jobs, None)
+            if following is not None:
+                pending.append(submit(following))
+            yield current.result()
+
+
+def with_head(model, n_classes: int):
+    """``model`` with a new, freshly initialised final layer of ``n_classes`` logits on the same embedding."""
+    keras = import_keras()
+    logits = keras.layers.Dense(n_classes, name=f"logits_{n_classes}")(_embedding_tensor(model))
+    return keras.Model(model.inputs, logits, name=model.name)
+
+
+@dataclass
+class Recipe:
+    """Training settings (defaults: the shipped model's recipe)."""
+
+    epochs: int = 16
+    per_class: int = 500  # draws per class per epoch
+    real_share: float = 0.6  # of a class's draws, when it has both real and simulated files
+    outlier_share: float = 0.5  # outlier-exposure draws per epoch, as a share of per_class (when there are any)
+    batch_size: int = 32
+    peak_lr: float = 2e-3
+    mixup_alpha: float = 0.2
+    style_strength: float = 1.0
+    width: int = 1
+    seed: int = 0
+
+
+def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, initial_model=None,
+                progress: bool = False):
+    """Train (or fine-tune ``initial_model``) with style augmentation, mixup and warmup-then-cosine decay."""
+    keras = import_keras()
+
+    keras.utils.set_random_seed(recipe.seed)
+    rng = np.random.default_rng(recipe.seed)
+    n_classes = len(class_names)
+    model = initial_model if initial_model is not None else build_model(n_classes, data_loader.N_FEATURES,
+                                                                        width=recipe.width)
+    steps_per_epoch = max(recipe.per_class * n_classes // recipe.batch_size, 1)
+    schedule = warmup_cosine(recipe.peak_lr, warmup_steps=steps_per_epoch, total_steps=steps_per_epoch * recipe.epochs)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
-    for epoch in range(epochs):
+    bar = _progress(progress, recipe.epochs * steps_per_epoch)
+    for epoch in range(recipe.epochs):
         started = time.perf_counter()
-        losses = [model.train_on_batch(x, y, return_dict=True) for x, y in
-                  _batches(data, scaled, batch_size, rng, mixup_alpha)]
-        logger.info("epoch %d/%d loss %.4f acc %.3f (%.0f s)", epoch + 1, epochs,
+        order = epoch_indices(data, n_classes, recipe.per_class, recipe.real_share, rng, recipe.outlier_share)
+        losses = []
+        for x, y in _batches(data, order, scaler, n_classes, recipe.batch_size, rng, recipe.mixup_alpha,
+                             recipe.style_strength):
+            losses.append(model.train_on_batch(x, y, return_dict=True))
+            if bar is not None:
+                bar.update(1)
+        logger.info("epoch %d/%d loss %.4f acc %.3f (%.0f s)", epoch + 1, recipe.epochs,
                     float(np.mean([m["loss"] for m in losses])), float(losses[-1]["accuracy"]),
                     time.perf_counter() - started)
+    if bar is not None:
+        bar.close()
     return model
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="batch", desc="training", file=sys.stderr, dynamic_ncols=True)
+
+
+def raw_features(data: Dataset) -> np.ndarray:
+    """Unaugmented features of every training plane (what the scaler is fitted on)."""
+    return np.stack([data_loader.sample_from_small(small).features for small in data.smalls])
 
 
 def fit_scaler(features: np.ndarray):
@@ -227,58 +390,111 @@ def fit_scaler(features: np.ndarray):
     return StandardScaler().fit(features)
 
 
+def labelled_pairs(files: list[LabelledFile], class_names: list[str]) -> list[tuple[Path, int]]:
+    return [(f.path, class_names.index(f.label)) for f in files]
+
+
+def directory_pairs(directory: Path, class_names: list[str]) -> list[tuple[Path, int]]:
+    import calibration
+
+    return calibration.labelled_files(directory, class_names)
+
+
+def real_splits(train_dirs: list[Path], validation_dirs: list[Path], class_names: list[str], seed: int,
+                fractions: tuple[float, float] = (0.6, 0.2)) -> list[LabelledFile]:
+    """Real files split by object (see ``training.real_data``); validation-only sources go to validation whole."""
+    files = real_data.assign_splits([f for d in train_dirs for f in real_data.discover(d, class_names)], fractions,
+                                    seed)
+    files += real_data.validation_only([f for d in validation_dirs for f in real_data.discover(d, class_names)])
+    leaked = real_data.leaked_objects(files)
+    if leaked:  # a validation-only source may show objects other sources train on: reported, not hidden
+        logger.info("%d validation objects also appear in training sources (e.g. %s)", len(leaked),
+                    ", ".join(sorted(leaked)[:5]))
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent,
                         help="where the model, scaler and thresholds go (default: the repo root)")
-    parser.add_argument("--per-class", type=int, default=700, help="training frames per class")
-    parser.add_argument("--calibration-per-class", type=int, default=300)
-    parser.add_argument("--test-per-class", type=int, default=200)
-    parser.add_argument("--epochs", type=int, default=16)
+    parser.add_argument("--real_dir", "--real-dir", type=Path, action="append", default=[],
+                        help="a real labelled directory (one sub-folder per class), split by object into train, "
+                             "calibration and validation; repeat for each source")
+    parser.add_argument("--real_val_dir", "--real-val-dir", type=Path, action="append", default=[],
+                        help="a real labelled directory used for validation only (never trained or calibrated on)")
+    parser.add_argument("--per-class", type=int, default=400, help="simulated training frames per class")
+    parser.add_argument("--calibration-per-class", type=int, default=150, help="simulated calibration frames")
+    parser.add_argument("--test-per-class", type=int, default=200, help="simulated test frames")
+    parser.add_argument("--max-real-per-source-class", type=int, default=600,
+                        help="cap of real training files per (source, class); calibration takes a third of it")
+    parser.add_argument("--epochs", type=int, default=Recipe.epochs)
+    parser.add_argument("--epoch-per-class", type=int, default=Recipe.per_class, help="draws per class per epoch")
+    parser.add_argument("--real-share", type=float, default=Recipe.real_share)
     parser.add_argument("--width", type=int, default=1, help="channel multiplier of the CNN")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="operating temperature to calibrate at (default: the fitted one)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps the labelled directories (default: temp)")
-    parser.add_argument("--cache", type=Path, default=None,
-                        help="npz of preprocessed training samples: reused when present, written otherwise")
     parser.add_argument("--skip-train", action="store_true",
                         help="keep the model and scaler in --out; only recalibrate and evaluate")
+    parser.add_argument("--outlier-kinds", default=",".join(OUTLIER_KINDS),
+                        help="out-of-distribution kinds (training/ood.py) shown in training and fitted by the learned "
+                             "gate; the other kinds stay held out for evaluation ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    outlier_kinds = [kind.strip() for kind in args.outlier_kinds.split(",") if kind.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     data_loader.tune_malloc()
     import joblib
 
-    import inference_runner
-
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    names = list(CLASS_NAMES)
     model_path, scaler_path = args.out / MODEL_NAME, args.out / SCALER_NAME
-    # All simulation (process pools) happens before TensorFlow starts: forking after it is unsafe.
+    real = real_splits(args.real_dir, args.real_val_dir, names, args.seed)
+    logger.info("real files per split, source and class: %s", json.dumps(real_data.summarise(real)))
+    # All simulation and decoding (process pools) happens before TensorFlow starts: forking after it is unsafe.
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="astro-train-"))
     calibration_dir = write_labelled_directory(work / "calibration", args.calibration_per_class, CALIBRATION_SEED)
     test_dir = write_labelled_directory(work / "test", args.test_per_class, TEST_SEED)
-    ood_dir = write_ood_directory(work / "ood")
+    ood_dir = write_ood_directory(work / "ood")  # evaluation kinds
+    ood_fit_dir = write_ood_directory(work / "ood_fit", seed=OOD_FIT_SEED, per_synthetic=20)  # the learned gate's
     if not args.skip_train:
-        data = load_or_build_dataset(args.cache, args.per_class)
-        logger.info("%d training samples ready after %.0f s", len(data.labels), time.perf_counter() - started)
-        scaler = fit_scaler(data.features)
-        model = train_model(data, scaler, args.epochs, seed=args.seed, width=args.width)
+        train_files = cap_per_source_class([f for f in real if f.split == "train"], args.max_real_per_source_class,
+                                           args.seed)
+        real_train, unreadable = real_dataset(train_files, names, single_bands=True)
+        for path, cause in unreadable:
+            logger.warning("%s: unreadable, left out: %s", path, cause)
+        data = Dataset.concat([simulated_dataset(args.per_class, TRAIN_SEED), real_train])
+        scaler = fit_scaler(raw_features(data))
+        data = Dataset.concat([data, outlier_dataset(ood_fit_dir, outlier_kinds)])
+        logger.info("%d training planes (%d real, %d outliers) ready after %.0f s", len(data), len(real_train),
+                    int((data.labels == OUTLIER).sum()), time.perf_counter() - started)
+        recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
+                        width=args.width, seed=args.seed)
+        model = train_model(data, scaler, names, recipe)
+        del data
         model.save(model_path)
         joblib.dump(scaler, scaler_path)
+    real_calibration = cap_per_source_class([f for f in real if f.split == "calibration"],
+                                            max(args.max_real_per_source_class // 3, 1), args.seed)
     thresholds_path = args.out / THRESHOLDS_NAME
-    artifacts = ["--model_path", str(model_path), "--scaler_path", str(scaler_path)]
-    steps = [
-        ["calibrate", "--labelled_dir", str(calibration_dir), "--class_names", ",".join(CLASS_NAMES),
-         "--output", str(thresholds_path), *artifacts, "--quiet"],
-        ["evaluate", "--labelled_dir", str(test_dir), "--ood_dir", str(ood_dir), "--thresholds", str(thresholds_path),
-         "--output_dir", str(args.out / "evaluation"), *artifacts, "--quiet"],
-    ]
-    for step in steps:
-        code = inference_runner.main(step)
-        if code != 0:
-            logger.error("%s failed with exit code %d", step[0], code)
-            return code
+    calibrated = calibrate_to_file(model_path, scaler_path, names,
+                                   directory_pairs(calibration_dir, names) + labelled_pairs(real_calibration, names),
+                                   thresholds_path, args.temperature, 0.95,
+                                   {"simulated_per_class": args.calibration_per_class,
+                                    "real": real_data.summarise(real_calibration).get("calibration", {})})
+    fit_set = add_ood_classifier(model_path, scaler_path, thresholds_path, calibrated, ood_fit_dir, outlier_kinds)
+    evaluation = evaluate_all(model_path, scaler_path, thresholds_path, names,
+                              simulated_test=directory_pairs(test_dir, names),
+                              real_validation=[f for f in real if f.split == "validation"],
+                              ood_dir=ood_dir, output_dir=args.out / "evaluation",
+                              seen_objects={f.object_key for f in real if f.split == "train"},
+                              loko=(calibrated.embeddings, fit_set))
+    evaluation["real_data"] = real_data.summarise(real)
+    write_json(args.out / "evaluation" / "evaluation.json", evaluation)
     logger.info("done in %.0f s; evaluation in %s", time.perf_counter() - started, args.out / "evaluation")
-    print(json.dumps({"model": str(model_path), "scaler": str(scaler_path), "thresholds": str(thresholds_path)}))
+    print(json.dumps({"model": str(model_path), "scaler": str(scaler_path), "thresholds": str(thresholds_path),
+                      "summary": evaluation["summary"]}, indent=1))
     return 0
 
 

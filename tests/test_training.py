@@ -1,0 +1,193 @@
+"""Training on real labelled directories: object keys and splits, source-balanced sampling, style augmentation,
+and ``inference-runner train`` end to end on a tiny tree of FITS, PNG and JPEG files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import cli
+import data_loader
+import inference_runner as ir
+from report import load_schema
+from training import real_data
+from training.augment import style_augment
+from training.simulator import render_frame, write_frame
+from training.train import Dataset, epoch_indices
+
+
+@pytest.mark.parametrize(("name", "key"), [
+    ("giusnico_M031.jpg", "M31"), ("M031_wikipedia.jpg", "M31"), ("benland_m100_mirror_galaxy_crop.jpg", "M100"),
+    ("spiral_NGC1234.jpg", "NGC1234"), ("elliptical_IC0495.jpg", "IC495"),
+    ("10_cutout_m317_g_ccd_21_13.86708333333333_43.99194444444444.png", "sky:13.867,+43.992"),
+    ("frame-g-004510-4-0030.fits.bz2", "sdss:004510-4-0030"), ("frame-r-004510-4-0030.fits.bz2", "sdss:004510-4-0030"),
+    ("dark_barnard_147-2.jpg", "name:dark_barnard_147"), ("Atom.fits", "name:atom"), ("img_07.png", "name:img_07"),
+])
+def test_object_key_groups_copies_of_one_object(name: str, key: str) -> None:
+    assert real_data.object_key(name) == key
+
+
+def _files(n_objects: int, per_object: int, label: str = "galaxy", source: str = "s") -> list[real_data.LabelledFile]:
+    return [real_data.LabelledFile(Path(f"{label}_{o}_{k}.png"), label, source, f"{label}{o}")
+            for o in range(n_objects) for k in range(per_object)]
+
+
+def test_splits_keep_each_object_on_one_side() -> None:
+    files = _files(200, 3) + _files(50, 2, "nebula")
+    hashed = real_data.assign_splits(files, (0.6, 0.2), seed=1)
+    assert not real_data.leaked_objects(hashed)
+    shares = {s: sum(f.split == s for f in hashed) / len(hashed) for s in real_data.SPLITS}
+    assert 0.5 < shares["train"] < 0.7 and 0.1 < shares["calibration"] < 0.3
+    assert real_data.assign_splits(files, (0.6, 0.2), seed=1) == hashed, "seeded: the same split every time"
+
+    stratified = real_data.stratified_split(_files(12, 1) + _files(4, 3, "nebula"), 0.2, 0.2, seed=0)
+    assert not real_data.leaked_objects(stratified)
+    for label in ("galaxy", "nebula"):
+        assert {f.split for f in stratified if f.label == label} == set(real_data.SPLITS), label
+
+
+def test_epochs_balance_sources_within_a_class_and_mix_real_with_simulated() -> None:
+    labels = np.array([0] * 900 + [0] * 100 + [0] * 50 + [1] * 200)
+    groups = np.array(["survey"] * 900 + ["photos"] * 100 + ["sim"] * 50 + ["sim"] * 200)
+    data = Dataset(np.zeros((len(labels), 1, 1), np.float32), labels, groups)
+    order = epoch_indices(data, 2, per_class=1000, real_share=0.6, rng=np.random.default_rng(0))
+    picked = groups[order]
+    assert len(order) == 2000
+    assert (labels[order] == 0).sum() == 1000, "class balance"
+    assert abs((picked == "survey").sum() - 300) < 60 and abs((picked == "photos").sum() - 300) < 60
+    assert ((picked == "sim") & (labels[order] == 0)).sum() == 400
+
+
+def test_style_augmentation_gives_model_ready_planes() -> None:
+    plane, _ = data_loader.resize_finite(render_frame("galaxy", 3, 512))
+    rng = np.random.default_rng(0)
+    looks = [style_augment(plane, rng) for _ in range(24)]
+    assert all(look.shape == (448, 448) and look.dtype == np.float32 and np.isfinite(look).all() for look in looks)
+    assert sum(not np.array_equal(look, plane) for look in looks) >= 12, "most draws change the frame"
+    assert any(len(np.unique(look)) <= 256 for look in looks), "some draws are 8-bit display renders"
+    for look in looks[:6]:
+        sample = data_loader.sample_from_small(look)
+        assert sample.image.min() >= 0 and sample.image.max() <= 1 and np.isfinite(sample.features).all()
+
+
+def test_single_band_views_of_colour_photographs(tmp_path: Path) -> None:
+    from training.augment import single_band
+
+    rgb = np.zeros((96, 128, 3), np.uint8)
+    rgb[..., 0], rgb[20:40, 30:60, 2] = 200, 255  # red everywhere, a blue block
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    Image.fromarray(rgb[..., 0]).save(tmp_path / "grey.png")
+    views = [single_band(tmp_path / "colour.png", np.random.default_rng(seed)) for seed in range(12)]
+    assert all(v.shape == (448, 448) and np.isfinite(v).all() for v in views)
+    luminance = data_loader.load_small(tmp_path / "colour.png")[0]
+    assert any(not np.allclose(v, luminance, rtol=0.05) for v in views), "bands differ from the luminance"
+    assert single_band(tmp_path / "grey.png", np.random.default_rng(0)) is None
+    write_frame(render_frame("galaxy", 1, 64), tmp_path / "frame", "fits_float32")
+    assert single_band(tmp_path / "frame.fits", np.random.default_rng(0)) is None
+
+
+# --------------------------------------------------------------------------- inference-runner train
+
+
+def _write_class(directory: Path, name: str, simulated_as: str, count: int, start_seed: int) -> None:
+    """``count`` frames of a simulated class under ``directory/name``, a third each as FITS, PNG and JPEG."""
+    folder = directory / name
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        frame = render_frame(simulated_as, start_seed + index, 192)
+        stem = folder / f"{name}_{index:02d}"
+        if index % 3 == 0:
+            write_frame(frame, stem, "fits_float32", seed=index)
+            continue
+        display = (data_loader.preprocess(frame) * 255).astype(np.uint8)
+        Image.fromarray(display).save(stem.with_suffix(".png" if index % 3 == 1 else ".jpg"))
+
+
+@pytest.fixture(scope="module")
+def custom_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("labelled")
+    for offset, (name, simulated_as) in enumerate((("spirals", "galaxy"), ("clouds", "nebula"),
+                                                   ("trails", "artifact"))):
+        _write_class(root, name, simulated_as, 12, 100 * offset)
+    (root / "trails" / "broken.fits").write_bytes(b"<html>not found</html>")
+    return root
+
+
+def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path: Path,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "model"
+    code = cli.main(["train", "--labelled_dir", str(custom_tree), "--output_dir", str(out), "--epochs", "1",
+                    "--quiet"])
+    printed = capsys.readouterr()
+    assert code == ir.EXIT_OK, printed.err
+    assert "broken.fits" in printed.err, "unreadable files are listed"
+    thresholds = json.loads((out / "thresholds.json").read_text())
+    assert thresholds["class_names"] == ["clouds", "spirals", "trails"], "a new head for the user's classes"
+    assert thresholds["model_sha256"] == ir.sha256_of(out / "model.keras")
+    assert thresholds["scaler_sha256"] == ir.sha256_of(out / "scaler.joblib")
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert set(evaluation["split"]) == set(real_data.SPLITS)
+    assert evaluation["unreadable"][0]["path"].endswith("broken.fits")
+    assert evaluation["ood_by_kind"] and all(0 <= v["abstained_fraction"] <= 1
+                                             for v in evaluation["ood_by_kind"].values())
+    assert (out / "evaluation" / "real" / "reliability.png").exists()
+    assert "clouds" in (out / "MODEL_CARD.md").read_text()
+
+    report = tmp_path / "report.json"
+    assert cli.main(["filesystem", "--input_dir", str(custom_tree), "--output_json", str(report), "--extensions",
+                    ".fits,.png,.jpg", "--model_path", str(out / "model.keras"), "--scaler_path",
+                    str(out / "scaler.joblib"), "--thresholds", str(out / "thresholds.json"), "--quiet"]) == ir.EXIT_OK
+    document = json.loads(report.read_text())
+    import jsonschema
+
+    jsonschema.validate(document, load_schema())
+    assert len(document["results"]) == 37
+    assert {r["top_class"] for r in document["results"] if r["error"] is None} <= {"clouds", "spirals", "trails"}
+    assert document["meta"]["operating_point"]["temperature"] == thresholds["temperature"]
+
+
+def test_train_refuses_one_class_and_thin_classes(custom_tree: Path, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    single = tmp_path / "single"
+    _write_class(single, "spirals", "galaxy", 3, 0)
+    assert cli.main(["train", "--labelled_dir", str(single), "--output_dir", str(tmp_path / "o1"), "--quiet"]) == 2
+    assert "at least 2 class" in capsys.readouterr().err
+
+    thin = tmp_path / "thin"
+    _write_class(thin, "spirals", "galaxy", 10, 0)
+    _write_class(thin, "clouds", "nebula", 9, 0)
+    (thin / "clouds" / "bad.fits").write_bytes(b"")
+    assert cli.main(["train", "--labelled_dir", str(thin), "--output_dir", str(tmp_path / "o2"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "fewer than 10 readable files: clouds (9)" in err and "bad.fits" in err
+    assert not (tmp_path / "o2" / "model.keras").exists()
+
+
+def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None:
+    """``python -m training.train --real_dir ... --real_val_dir ...`` at toy sizes: every stage runs and the
+    validation-only source is evaluated, never trained or calibrated on."""
+    from training import train
+
+    survey, photos = tmp_path / "survey", tmp_path / "photos"
+    for offset, name in enumerate(("galaxy", "nebula", "star_cluster")):
+        _write_class(survey, name, name, 6, 10 * offset)
+        _write_class(photos, name, name, 3, 50 + 10 * offset)
+    out = tmp_path / "out"
+    code = train.main(["--out", str(out), "--work-dir", str(tmp_path / "work"), "--per-class", "3",
+                       "--calibration-per-class", "2", "--test-per-class", "2", "--epochs", "1",
+                       "--epoch-per-class", "8", "--real_dir", str(survey), "--real_val_dir", str(photos)])
+    assert code == 0
+    evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
+    assert evaluation["real_data"]["validation"]["photos"] == {"galaxy": 3, "nebula": 3, "star_cluster": 3}
+    assert "photos" not in evaluation["real_data"].get("train", {})
+    assert "photos" not in evaluation["real_data"].get("calibration", {})
+    assert set(evaluation["real_validation"]["per_source"]) <= {"survey", "photos"}
+    assert "photos" in evaluation["real_validation"]["per_source"]
+    assert {"moon", "photo_other", "text", "planet", "spectrum", "radio_map"} <= set(evaluation["ood_by_kind"])
+    thresholds = json.loads((out / train.THRESHOLDS_NAME).read_text())
+    assert thresholds["calibration_data"]["simulated_per_class"] == 2
+    assert "photos" not in thresholds["calibration_data"]["real"], "validation-only data never calibrates"

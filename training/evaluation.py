@@ -1,0 +1,193 @@
+"""Calibrate a trained model on file lists and evaluate it where it matters: per real source and class, on the
+simulated test set, and on each kind of out-of-distribution image.
+
+Both ``python -m training.train`` and ``inference-runner train`` end here, so
+the shipped model and a user's model are measured the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import calibration
+import inference_runner as ir
+from report import AtomicWriter
+from training.real_data import LabelledFile
+
+logger = logging.getLogger(__name__)
+BATCH_SIZE = 32
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with AtomicWriter(path.absolute()) as handle:
+        json.dump(document, handle, indent=2)
+
+
+def calibrate_to_file(model_path: Path, scaler_path: Path, class_names: list[str], files: list[tuple[Path, int]],
+                      output: Path, temperature: float | None, target_precision: float,
+                      data_note: dict[str, Any] | None = None, ood_quantile: float = 0.95
+                      ) -> calibration.LabelledLogits:
+    """Fit the operating point (temperature, thresholds, Mahalanobis gate) on labelled files and write the
+    thresholds file; returns the calibration set's outputs (the learned gate is fitted on them next)."""
+    service = ir.ClassifierService(model_path, scaler_path,
+                                   operating_point=ir.OperatingPoint.uncalibrated(class_names))
+    data = calibration.collect_logits(service, files, BATCH_SIZE)
+    document = calibration.calibrate(service, data, temperature, target_precision, ood_quantile)
+    document["calibration_data"].update(data_note or {})
+    write_json(output, document)
+    logger.info("calibrated on %d files: fitted temperature %.3f (TTA), operating at %.3f", len(data.labels),
+                document["fitted_temperature"]["tta"], document["temperature"])
+    return data
+
+
+def ood_embeddings(service: ir.ClassifierService, ood_dir: Path) -> dict[str, calibration.LabelledLogits]:
+    """Model outputs of every out-of-distribution kind (one sub-folder each)."""
+    return {kind.name: calibration.collect_logits(
+        service, [(path, -1) for path in ir.scan_paths(kind, suffixes=ir.data_loader.SUPPORTED_SUFFIXES)], BATCH_SIZE)
+        for kind in sorted(p for p in ood_dir.iterdir() if p.is_dir())}
+
+
+def add_ood_classifier(model_path: Path, scaler_path: Path, thresholds_path: Path,
+                       in_distribution: calibration.LabelledLogits, ood_fit_dir: Path, kinds: Sequence[str]
+                       ) -> dict[str, calibration.LabelledLogits]:
+    """Fit the learned gate on the calibration set against ``kinds`` of ``ood_fit_dir`` and add it to the
+    thresholds file (the model and scaler pins are unchanged). Returns the fit set's outputs per kind."""
+    service = ir.ClassifierService(model_path, scaler_path, thresholds_path)
+    fit_set = {kind: data for kind, data in ood_embeddings(service, ood_fit_dir).items() if kind in kinds}
+    gate = calibration.fit_ood_classifier(in_distribution.embeddings, {k: v.embeddings for k, v in fit_set.items()})
+    document = json.loads(thresholds_path.read_text(encoding="utf-8"))
+    document["ood_classifier"] = gate.to_json()
+    write_json(thresholds_path, document)
+    return fit_set
+
+
+def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.LabelledLogits:
+    return calibration.LabelledLogits([data.paths[i] for i in rows], data.view_logits[rows], data.embeddings[rows],
+                                      data.labels[rows], [])
+
+
+def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float) -> dict[str, Any]:
+    """Operating-point figures with TTA and the ECE of a (sub)set."""
+    op = service.operating_point
+    probs = ir.calibrated_probs(data.view_logits, temperature)
+    inside = op.inside(data.embeddings)
+    metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[True],
+                                                  inside)
+    metrics["ece"] = calibration.expected_calibration_error(probs, data.labels)
+    metrics["confusion"] = calibration.confusion_matrix(probs, data.labels, op.thresholds[True],
+                                                        list(service.class_names), inside)
+    return metrics
+
+
+def ood_abstention(op: ir.OperatingPoint, class_names: list[str], data: calibration.LabelledLogits,
+                   temperature: float) -> dict[str, float]:
+    """Share of out-of-distribution files abstained on, with TTA: by thresholds and gates, and thresholds alone."""
+    probs = ir.calibrated_probs(data.view_logits, temperature)
+    thresholds = op.thresholds[True]
+    return {"n": len(probs),
+            "abstained_fraction": float((~calibration.accepted_mask(probs, class_names, thresholds,
+                                                                    op.inside(data.embeddings))).mean()),
+            "abstained_fraction_thresholds_only": float(
+                (~calibration.accepted_mask(probs, class_names, thresholds)).mean())}
+
+
+def ood_by_kind(service: ir.ClassifierService, ood_dir: Path, temperature: float,
+                loko: tuple[np.ndarray, dict[str, calibration.LabelledLogits]] | None) -> dict[str, Any]:
+    """Abstention on each held-out kind: with the shipped gates and, given the learned gate's fit data, with a
+    learned gate refitted without that kind (leave one kind out: the figure for a kind nobody fitted on)."""
+    op, names = service.operating_point, list(service.class_names)
+    result = {}
+    for kind, data in ood_embeddings(service, ood_dir).items():
+        result[kind] = ood_abstention(op, names, data, temperature)
+        result[kind]["abstained_fraction_mahalanobis_only"] = ood_abstention(
+            dataclasses.replace(op, ood_classifier=None), names, data, temperature)["abstained_fraction"]
+        result[kind]["held_out"] = op.ood_classifier is None or kind not in op.ood_classifier.kinds
+        if loko is not None:
+            in_distribution, fit_set = loko
+            others = {k: v.embeddings for k, v in fit_set.items() if k != kind}
+            refitted = dataclasses.replace(op, ood_classifier=calibration.fit_ood_classifier(in_distribution, others))
+            result[kind]["abstained_fraction_leave_one_kind_out"] = ood_abstention(
+                refitted, names, data, temperature)["abstained_fraction"]
+    return result
+
+
+def real_breakdown(service: ir.ClassifierService, files: Sequence[LabelledFile], temperature: float,
+                   seen_objects: set[str]) -> dict[str, Any]:
+    """Figures on real validation files: overall, per source, per source x class, and on unseen objects only."""
+    names = list(service.class_names)
+    data = calibration.collect_logits(service, [(f.path, names.index(f.label)) for f in files], BATCH_SIZE)
+    by_path = {str(f.path): f for f in files}
+    sources = np.array([by_path[p].source for p in data.paths])
+    unseen = np.array([by_path[p].object_key not in seen_objects for p in data.paths])
+    result: dict[str, Any] = {"overall": _brief(service, data, temperature), "n_failed": len(data.failed),
+                              "unseen_objects": _brief(service, _subset(data, np.nonzero(unseen)[0]), temperature)
+                              if unseen.any() else None, "per_source": {}}
+    for source in sorted(set(sources)):
+        rows = np.nonzero(sources == source)[0]
+        result["per_source"][source] = _brief(service, _subset(data, rows), temperature)
+        if not unseen[rows].all():
+            fresh = rows[unseen[rows]]
+            result["per_source"][source]["unseen_objects"] = (
+                _brief(service, _subset(data, fresh), temperature) if len(fresh) else None)
+    result["_data"] = data
+    return result
+
+
+def evaluate_all(model_path: Path, scaler_path: Path, thresholds_path: Path, class_names: list[str], *,
+                 simulated_test: list[tuple[Path, int]], real_validation: Sequence[LabelledFile],
+                 ood_dir: Path | None, output_dir: Path, seen_objects: set[str] | None = None,
+                 loko: tuple[np.ndarray, dict[str, calibration.LabelledLogits]] | None = None) -> dict[str, Any]:
+    """Everything the model card reports, as one document (plots go into ``output_dir``)."""
+    service = ir.ClassifierService(model_path, scaler_path, thresholds_path)
+    temperature = service.operating_point.temperature
+    output_dir.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"temperature": temperature, "class_names": class_names}
+    if simulated_test:
+        data = calibration.collect_logits(service, simulated_test, BATCH_SIZE)
+        result["simulated_test"] = calibration.evaluate(service, data, temperature, None)
+        calibration.write_plots(output_dir, service, data, temperature)
+    if real_validation:
+        real = real_breakdown(service, real_validation, temperature, seen_objects or set())
+        calibration.write_plots(_mkdir(output_dir / "real"), service, real.pop("_data"), temperature)
+        result["real_validation"] = real
+    if ood_dir is not None:
+        result["ood_by_kind"] = ood_by_kind(service, ood_dir, temperature, loko)
+    result["summary"] = summary(result)
+    return result
+
+
+def _mkdir(path: Path) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    return {"n": metrics["n"], "coverage": metrics["coverage"], "selective_accuracy": metrics["selective_accuracy"],
+            "ece": metrics.get("ece"),
+            "precision": {k: v["precision"] for k, v in metrics["per_class"].items()},
+            "support": {k: v["support"] for k, v in metrics["per_class"].items()}}
+
+
+def summary(result: dict[str, Any]) -> dict[str, Any]:
+    """The headline figures: what the issue's targets are checked against."""
+    out: dict[str, Any] = {}
+    if "simulated_test" in result:
+        sim = result["simulated_test"]["tta"]
+        out["simulated_test"] = {**_figures(sim), "ece": sim["ece"]["operating_temperature"]}
+    if "real_validation" in result:
+        out["real_validation"] = _figures(result["real_validation"]["overall"])
+        if result["real_validation"]["unseen_objects"]:
+            out["real_validation_unseen_objects"] = _figures(result["real_validation"]["unseen_objects"])
+    if "ood_by_kind" in result:
+        out["ood_abstained_by_kind"] = {k: v["abstained_fraction"] for k, v in result["ood_by_kind"].items()}
+        out["ood_abstained_by_kind_leave_one_kind_out"] = {
+            k: v.get("abstained_fraction_leave_one_kind_out") for k, v in result["ood_by_kind"].items()}
+    return out
