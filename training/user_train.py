@@ -91,64 +91,79 @@ def _recipe(start: str, epochs: int | None, train_counts: list[int], seed: int) 
 
 
 def train_on_directory(args: argparse.Namespace) -> dict[str, Any]:
-    """The whole command; returns the evaluation summary. Raises TrainingInputError on unusable input."""
-    import joblib
-
+    """The whole command; returns the evaluation. Raises TrainingInputError on unusable input."""
     started = time.perf_counter()
-    files = real_data.discover(args.labelled_dir)
-    files = real_data.stratified_split(files, args.test_fraction, args.calibration_fraction, args.seed)
-    # every file is decoded once here (before TensorFlow starts: the pool forks): unreadable ones are listed
+    files = real_data.stratified_split(real_data.discover(args.labelled_dir), args.test_fraction,
+                                       args.calibration_fraction, args.seed)
+    # every file is decoded here, before TensorFlow starts (the pool forks): unreadable ones are listed
     data, unreadable = train.real_dataset([f for f in files if f.split == "train"], sorted({f.label for f in files}),
                                           single_bands=True)
     unreadable += _unreadable([f for f in files if f.split != "train"])
     for path, cause in unreadable:
         logger.warning("%s: unreadable, skipped: %s", path, cause)
     names = check_classes(files, unreadable)
-    usable = [f for f in files if str(f.path) not in {p for p, _ in unreadable}]
+    bad = {path for path, _ in unreadable}
+    usable = [f for f in files if str(f.path) not in bad]
+    check_splits(usable, names)
+    ordered, keep_head = _class_order(names, args.start)
+    data.labels = np.array([ordered.index(names[k]) for k in data.labels])
+    with tempfile.TemporaryDirectory(prefix="astro-ood-") as scratch:
+        ood_dir = write_ood_directory(Path(scratch) / "evaluation", per_photo=2, per_synthetic=8)
+        ood_fit_dir = write_ood_directory(Path(scratch) / "fit", seed=train.OOD_FIT_SEED, per_photo=2,
+                                          per_synthetic=8)
+        outliers = train.outlier_dataset(ood_fit_dir, list(train.OUTLIER_KINDS))
+        recipe = _recipe(args.start, args.epochs, [int((data.labels == k).sum()) for k in range(len(ordered))],
+                         args.seed)
+        _fit_and_save(args, data, outliers, ordered, keep_head, recipe)
+        evaluation = _calibrate_and_evaluate(args, usable, ordered, ood_dir, ood_fit_dir)
+    evaluation.update(split=real_data.summarise(usable), unreadable=[{"path": p, "error": c} for p, c in unreadable],
+                      recipe=vars(recipe), start=args.start, seconds=round(time.perf_counter() - started, 1))
+    write_json(args.output_dir / "evaluation" / "evaluation.json", evaluation)
+    (args.output_dir / "MODEL_CARD.md").write_text(model_card(args, ordered, evaluation), encoding="utf-8")
+    return evaluation
+
+
+def check_splits(usable: list[LabelledFile], names: list[str]) -> None:
+    """Every class needs calibration and test files; else TrainingInputError."""
     for split in ("calibration", "validation"):
         thin = [name for name in names if not any(f.split == split and f.label == name for f in usable)]
         if thin:
             raise TrainingInputError(f"no {split} files for {', '.join(thin)}: their files show too few distinct "
                                      f"objects (files named after one object are kept together; see README)")
-    split_counts = real_data.summarise(usable)
-    logger.info("split (seed %d): %s", args.seed, json.dumps(split_counts))
-    ordered, keep_head = _class_order(names, args.start)
-    data.labels = np.array([ordered.index(names[k]) for k in data.labels])
-    scratch = Path(tempfile.mkdtemp(prefix="astro-ood-"))
-    ood_dir = write_ood_directory(scratch / "evaluation", per_photo=2, per_synthetic=8)
-    ood_fit_dir = write_ood_directory(scratch / "fit", seed=train.OOD_FIT_SEED, per_photo=2, per_synthetic=8)
-    outliers = train.outlier_dataset(ood_fit_dir, list(train.OUTLIER_KINDS))  # decoded before TensorFlow starts
+    logger.info("split: %s", json.dumps(real_data.summarise(usable)))
 
-    out: Path = args.output_dir
-    out.mkdir(parents=True, exist_ok=True)
-    model_path, scaler_path, thresholds_path = out / MODEL_FILE, out / SCALER_FILE, out / THRESHOLDS_FILE
-    recipe = _recipe(args.start, args.epochs, [int((data.labels == k).sum()) for k in range(len(ordered))], args.seed)
+
+def _fit_and_save(args: argparse.Namespace, data: train.Dataset, outliers: train.Dataset, names: list[str],
+                  keep_head: bool, recipe: train.Recipe) -> None:
+    """Fine-tune the shipped model (its scaler kept) or train from scratch; save model and scaler into OUT."""
+    import joblib
+
     if args.start == "default":
-        keras = ir.import_keras()
-
         scaler = joblib.load(ir.DEFAULT_SCALER_PATH)
-        model = keras.saving.load_model(ir.DEFAULT_MODEL_PATH, compile=False)
-        initial = model if keep_head else train.with_head(model, len(ordered))
+        model = ir.import_keras().saving.load_model(ir.DEFAULT_MODEL_PATH, compile=False)
+        initial = model if keep_head else train.with_head(model, len(names))
     else:
         scaler, initial = train.fit_scaler(train.raw_features(data)), None
-    data = train.Dataset.concat([data, outliers])
-    model = train.train_model(data, scaler, ordered, recipe, initial_model=initial, progress=not args.quiet)
-    model.save(model_path)
-    joblib.dump(scaler, scaler_path)
-    calibrated = calibrate_to_file(model_path, scaler_path, ordered, _pairs(usable, "calibration", ordered),
+    model = train.train_model(train.Dataset.concat([data, outliers]), scaler, names, recipe, initial_model=initial,
+                              progress=not args.quiet)
+    args.output_dir.mkdir(parents=True, exist_ok=True)
+    model.save(args.output_dir / MODEL_FILE)
+    joblib.dump(scaler, args.output_dir / SCALER_FILE)
+
+
+def _calibrate_and_evaluate(args: argparse.Namespace, usable: list[LabelledFile], names: list[str], ood_dir: Path,
+                            ood_fit_dir: Path) -> dict[str, Any]:
+    out = args.output_dir
+    model_path, scaler_path, thresholds_path = out / MODEL_FILE, out / SCALER_FILE, out / THRESHOLDS_FILE
+    calibrated = calibrate_to_file(model_path, scaler_path, names, _pairs(usable, "calibration", names),
                                    thresholds_path, None, args.target_precision,
                                    {"labelled_dir": str(args.labelled_dir.absolute()), "split_seed": args.seed})
-    fit_set = add_ood_classifier(model_path, scaler_path, thresholds_path, calibrated, ood_fit_dir, train.OUTLIER_KINDS)
-    evaluation = evaluate_all(model_path, scaler_path, thresholds_path, ordered, simulated_test=[],
-                              real_validation=[f for f in usable if f.split == "validation"], ood_dir=ood_dir,
-                              output_dir=out / "evaluation",
-                              seen_objects={f.object_key for f in usable if f.split == "train"},
-                              loko=(calibrated.embeddings, fit_set))
-    evaluation.update(split=split_counts, unreadable=[{"path": p, "error": c} for p, c in unreadable],
-                      recipe=vars(recipe), start=args.start, seconds=round(time.perf_counter() - started, 1))
-    write_json(out / "evaluation" / "evaluation.json", evaluation)
-    (out / "MODEL_CARD.md").write_text(model_card(args, ordered, evaluation), encoding="utf-8")
-    return evaluation
+    fit_set = add_ood_classifier(model_path, scaler_path, thresholds_path, calibrated, ood_fit_dir,
+                                 train.OUTLIER_KINDS)
+    return evaluate_all(model_path, scaler_path, thresholds_path, names, simulated_test=[],
+                        real_validation=[f for f in usable if f.split == "validation"], ood_dir=ood_dir,
+                        output_dir=out / "evaluation", loko=(calibrated.embeddings, fit_set),
+                        seen_objects={f.object_key for f in usable if f.split == "train"})
 
 
 def _unreadable(files: list[LabelledFile]) -> list[tuple[str, str]]:
