@@ -1,14 +1,17 @@
-"""Regenerate the shipped model, scaler and operating point from scratch.
+"""Regenerate the shipped model, scaler and operating point (the command is in MODEL_CARD.md).
 
-    python -m training.train                      # full recipe (about 15 min on 2 cores)
-    python -m training.train --per-class 12 --epochs 1 --out /tmp/tiny   # smoke run
+    python -m training.train --real_dir DIR [--real_dir DIR ...] [--real_val_dir DIR ...]
+    python -m training.train --per-class 12 --epochs 1 --out /tmp/tiny   # smoke run, simulations only
 
-Steps: simulate labelled frames and write them as real archive files, read
-them back through ``data_loader.load_sample`` (the production path), fit the
-feature scaler, train the two-input Keras model with RandAugment-style
-augmentation, mixup and a warmup-then-cosine learning rate, then calibrate
-the operating point and evaluate on a held-out set with another seed, through
-``inference_runner`` on labelled directories.
+Steps: simulate labelled frames and write them as real archive files; split
+the real labelled directories by object (``training.real_data``); read
+everything back through ``data_loader.load_small`` (the production path); fit
+the feature scaler; train the two-input Keras model on source-balanced epochs
+with style augmentation (``training.augment``), outlier exposure, RandAugment
+view ops, mixup and a warmup-then-cosine learning rate; then calibrate the
+operating point on simulated plus real calibration files, fit the learned OOD
+gate, and evaluate per real source and class, on simulations and per OOD kind
+(``training.evaluation``).
 """
 
 from __future__ import annotations
@@ -327,7 +330,7 @@ def with_head(model, n_classes: int):
 class Recipe:
     """Training settings (defaults: the shipped model's recipe)."""
 
-    epochs: int = 16
+    epochs: int = 40
     per_class: int = 500  # draws per class per epoch
     real_share: float = 0.6  # of a class's draws, when it has both real and simulated files
     outlier_share: float = 0.5  # outlier-exposure draws per epoch, as a share of per_class (when there are any)
@@ -335,7 +338,7 @@ class Recipe:
     peak_lr: float = 2e-3
     mixup_alpha: float = 0.2
     style_strength: float = 1.0
-    width: int = 1
+    width: int = 2  # channel multiplier of a model built from scratch
     seed: int = 0
 
 
@@ -430,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     parser.add_argument("--epoch-per-class", type=int, default=Recipe.per_class, help="draws per class per epoch")
     parser.add_argument("--real-share", type=float, default=Recipe.real_share)
-    parser.add_argument("--width", type=int, default=1, help="channel multiplier of the CNN")
+    parser.add_argument("--width", type=int, default=Recipe.width, help="channel multiplier of the CNN")
     parser.add_argument("--temperature", type=float, default=None,
                         help="operating temperature to calibrate at (default: the fitted one)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps the labelled directories (default: temp)")

@@ -48,7 +48,7 @@ def add_command(commands: Any) -> None:
     parser.add_argument("--from", dest="start", choices=("default", "scratch"), default="default",
                         help="fine-tune the shipped model (default) or train a new one")
     parser.add_argument("--epochs", type=ir.positive_int, default=None,
-                        help="default: 8 from default, 16 from scratch")
+                        help="default: 16 from default, 40 from scratch")
     parser.add_argument("--target_precision", "--target-precision", type=float, default=0.95)
     parser.add_argument("--test_fraction", "--test-fraction", type=float, default=0.15)
     parser.add_argument("--calibration_fraction", "--calibration-fraction", type=float, default=0.2)
@@ -86,8 +86,8 @@ def _class_order(names: list[str], start: str) -> tuple[list[str], bool]:
 def _recipe(start: str, epochs: int | None, train_counts: list[int], seed: int) -> train.Recipe:
     per_class = int(np.clip(np.median(train_counts), 64, 300))
     if start == "default":
-        return train.Recipe(epochs=epochs or 8, per_class=per_class, peak_lr=5e-4, seed=seed, real_share=1.0)
-    return train.Recipe(epochs=epochs or 16, per_class=per_class, seed=seed, real_share=1.0)
+        return train.Recipe(epochs=epochs or 16, per_class=per_class, peak_lr=5e-4, seed=seed, real_share=1.0)
+    return train.Recipe(epochs=epochs or train.Recipe.epochs, per_class=per_class, seed=seed, real_share=1.0)
 
 
 def train_on_directory(args: argparse.Namespace) -> dict[str, Any]:
@@ -193,8 +193,9 @@ def model_card(args: argparse.Namespace, names: list[str], evaluation: dict[str,
 * Data: `{args.labelled_dir}`; classes {", ".join(names)}; split by object (seed {args.seed}):
   `{json.dumps(evaluation["split"])}`. Unreadable files skipped: {len(evaluation["unreadable"])}.
 * Start: `{evaluation["start"]}`; recipe `{json.dumps(evaluation["recipe"])}`; {evaluation["seconds"]:.0f} s.
-* Operating point: temperature {evaluation["temperature"]}, target precision {args.target_precision},
-  out-of-distribution gate at the 0.95 quantile (`{THRESHOLDS_FILE}`).
+* Operating point (`{THRESHOLDS_FILE}`): temperature {evaluation["temperature"]} (fitted), target precision
+  {args.target_precision}, a Mahalanobis out-of-distribution gate at the 0.95 quantile and a learned gate
+  against {", ".join(train.OUTLIER_KINDS)}.
 
 ## Test set (held-out objects), with TTA
 
