@@ -195,6 +195,14 @@ class OperatingPoint:
     document: dict[str, Any] | None = None
     ood_classifier: OodClassifier | None = None
 
+    def set_quantile(self, tta: bool) -> np.ndarray | float | None:
+        """The conformal quantile(s) of the prediction sets (None when the file has no sets)."""
+        sets = (self.document or {}).get("prediction_sets")
+        if not sets:
+            return None
+        fitted = sets["tta" if tta else "no_tta"]
+        return np.asarray(fitted["class_quantiles"]) if sets.get("class_conditional") else fitted["quantile"]
+
     def inside(self, embeddings: np.ndarray) -> np.ndarray:
         """Per row of ``embeddings``: inside every out-of-distribution gate this operating point has."""
         inside = np.ones(len(embeddings), dtype=bool)
@@ -546,9 +554,15 @@ class ClassifierService:
                 reason = "out_of_distribution"
             elif score < self.operating_point.thresholds[tta][top_class]:
                 reason = "low_score"
+        quantile = self.operating_point.set_quantile(tta)
+        if quantile is not None:
+            members = prediction_set_masks(probs[None], quantile)[0]
+            prediction_set = [self.class_names[k] for k in np.argsort(-probs, kind="stable") if members[k]]
+        else:
+            prediction_set = None
         return PredictionRecord(
             path=scored.path, label=UNKNOWN if reason else top_class, score=round(score, 6), top_class=top_class,
-            abstained=reason is not None, abstain_reason=reason,
+            abstained=reason is not None, abstain_reason=reason, prediction_set=prediction_set,
             probs={name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
             timestamp=utc_now(), fingerprint=fingerprint.value if fingerprint else None,
             size=fingerprint.size if fingerprint else None,
@@ -632,6 +646,17 @@ def calibrated_probs(view_logits: np.ndarray, temperature: float) -> np.ndarray:
     probs = np.exp(scaled)
     probs /= probs.sum(axis=-1, keepdims=True)
     return probs.mean(axis=-2)
+
+
+def prediction_set_masks(probs: np.ndarray, quantile: np.ndarray | float) -> np.ndarray:
+    """(N, K) conformal set membership (APS): the top class, and every class whose ranked probability mass
+    (its own plus that of the classes above it) is within the quantile (one per class for class-conditional
+    sets). See calibration.aps_scores for the matching calibration score."""
+    mass = np.where(probs[:, None, :] >= probs[:, :, None], probs[:, None, :], 0.0).sum(axis=2)
+    # the tolerance keeps a class whose mass equals the quantile in, whatever the summation order
+    members = mass <= np.broadcast_to(np.asarray(quantile, dtype=np.float64), probs.shape[1:]) + 1e-9
+    members[np.arange(len(probs)), probs.argmax(axis=1)] = True
+    return members
 
 
 def _embedding_tensor(model: Any) -> Any:

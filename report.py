@@ -74,6 +74,7 @@ class PredictionRecord:
     error: str | None
     reused: bool = False
     abstain_reason: str | None = None  # "low_score" or "out_of_distribution" when abstained
+    prediction_set: list[str] | None = None  # conformal set, most probable first (None: no sets calibrated)
 
     @classmethod
     def failure(cls, path: str, error: str, fingerprint: FileFingerprint | None) -> PredictionRecord:
@@ -91,6 +92,7 @@ class PredictionRecord:
             "top_class": self.top_class,
             "abstained": self.abstained,
             "abstain_reason": self.abstain_reason,
+            "prediction_set": self.prediction_set,
             **({"probs": self.probs} if include_probs else {}),
             "timestamp": self.timestamp,
             "fingerprint": self.fingerprint,

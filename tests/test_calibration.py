@@ -92,6 +92,9 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
         for name, figures in validation["per_class"].items():
             assert figures["precision"] is None or figures["precision"] >= 0.95, name
     assert document["ood_gate"]["kind"] == "mahalanobis_embedding"
+    sets = document["prediction_sets"]
+    assert sets["method"] == "aps" and sets["coverage"] == 0.95 and sets["n_calibration"] == 20
+    assert len(sets["tta"]["scores"]) == len(sets["no_tta"]["scores"]) == 20
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], output)
     assert service.operating_point.ood_gate is not None
 
@@ -102,7 +105,12 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     assert result["tta"]["n"] == 20 and len(result["tta"]["confusion_matrix"]["counts"]) == 5
     assert sum(map(sum, result["tta"]["confusion_matrix"]["counts"])) == 20
     assert 0 <= result["tta"]["ood"]["abstained_fraction"] <= 1
-    for plot in ("reliability.png", "risk_coverage.png", "confusion_matrix.png"):
+    for key in ("tta", "no_tta"):
+        report = result[key]["prediction_sets"]
+        assert report["target"] == 0.95 and report["n"] == 20 and 1 <= report["mean_set_size"] <= 5
+        assert set(report["by_level"]) == {"0.8", "0.85", "0.9", "0.95", "0.99"}
+        assert sum(v["n"] for v in report["per_set_size"].values()) == 20
+    for plot in ("reliability.png", "risk_coverage.png", "confusion_matrix.png", "set_coverage.png"):
         assert (out_dir / plot).read_bytes()[:4] == b"\x89PNG"
     assert "top-1" in capsys.readouterr().out
 

@@ -82,6 +82,7 @@ def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temp
     metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[True],
                                                   inside)
     metrics["ece"] = calibration.expected_calibration_error(probs, data.labels)
+    metrics["prediction_sets"] = calibration.prediction_set_report(op, probs, data.labels, tta=True)
     metrics["confusion"] = calibration.confusion_matrix(probs, data.labels, op.thresholds[True],
                                                         list(service.class_names), inside)
     return metrics
@@ -170,8 +171,11 @@ def _mkdir(path: Path) -> Path:
 
 
 def _figures(metrics: dict[str, Any]) -> dict[str, Any]:
+    sets = metrics.get("prediction_sets")
     return {"n": metrics["n"], "coverage": metrics["coverage"], "selective_accuracy": metrics["selective_accuracy"],
             "ece": metrics.get("ece"),
+            "set_coverage": {level: v["coverage"] for level, v in sets["by_level"].items()} if sets else None,
+            "mean_set_size": {level: v["mean_set_size"] for level, v in sets["by_level"].items()} if sets else None,
             "precision": {k: v["precision"] for k, v in metrics["per_class"].items()},
             "support": {k: v["support"] for k, v in metrics["per_class"].items()}}
 

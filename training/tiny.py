@@ -1,8 +1,8 @@
 """A small, quickly built model with its scaler and operating point, for tests and examples.
 
 The weights are untrained (seeded); the scaler is fitted on a few simulated
-frames; thresholds are set by hand so that, with any weights, some files are
-classified and some abstained on. Not for real use.
+frames; thresholds (and the prediction sets' quantile) are set by hand so that, with
+any weights, some files are classified and some abstained on. Not for real use.
 """
 
 from __future__ import annotations
@@ -40,6 +40,8 @@ def make_tiny_artifacts(directory: Path, threshold: float = 0.3) -> dict[str, Pa
         "temperature": 0.7,
         "target_precision": 0.95,
         "operating_points": {"tta": {"thresholds": thresholds}, "no_tta": {"thresholds": thresholds}},
+        "prediction_sets": {"method": "aps", "coverage": 0.9, "class_conditional": False, "n_calibration": 0,
+                            "tta": {"quantile": 0.9, "scores": []}, "no_tta": {"quantile": 0.9, "scores": []}},
         "model_sha256": sha256_of(model_path),
         "scaler_sha256": sha256_of(scaler_path),
     }

@@ -17,6 +17,7 @@ class ArchiveFile(models.Model):
     score = models.FloatField(null=True, blank=True)
     abstained = models.BooleanField(null=True, blank=True)
     probs = models.JSONField(null=True, blank=True)
+    prediction_set = models.JSONField(null=True, blank=True)  # conformal set of class names, most probable first
     model_sha256 = models.CharField(max_length=64, blank=True, default="")
     classified_fingerprint = models.CharField(max_length=64, blank=True, default="")
     classified_at = models.DateTimeField(null=True, blank=True)

@@ -83,9 +83,11 @@ class ArchiveCommandsTest(TestCase):
         self.assertTrue(all(row.classification_count == 1 for row in rows))
         broken = rows.get(path__endswith="broken.fits")
         self.assertIn("not a FITS file", broken.error)
+        self.assertIsNone(broken.prediction_set)
         for row in rows.exclude(pk=broken.pk):
             self.assertEqual(row.error, "")
             self.assertEqual(set(row.probs), set(CLASS_NAMES))
+            self.assertTrue(row.prediction_set and set(row.prediction_set) <= set(CLASS_NAMES))
             self.assertEqual(row.label == "unknown", row.abstained)
             self.assertEqual(len(row.model_sha256), 64)
         self.assertIn("nothing to classify", self.command("classify_new_files"))
