@@ -39,6 +39,7 @@ import ctypes.util
 import functools
 import logging
 import os
+import re
 import threading
 import warnings
 from collections.abc import Iterator
@@ -67,7 +68,6 @@ NO_VALID_PIXELS = "no valid pixels: every pixel is NaN, Inf or BLANK, so there i
 _PHOTO_MAGIC = {"jpeg": (b"\xff\xd8\xff",), "png": (b"\x89PNG\r\n\x1a\n",)}
 FITS_BLOCK = 2880
 HEADER_PROBE_BYTES = 4 * FITS_BLOCK  # a primary header of up to 144 cards is parsed from the first read
-FITS_HEADER_FACTS = ("OBJECT", "TELESCOP", "INSTRUME", "FILTER", "EXPTIME")
 _BITPIX_DTYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 
 # Percentiles of the 448x448 image that define the display stretch.
@@ -348,9 +348,52 @@ def _decode_errors(path: Path, what: str) -> Iterator[None]:
 
 
 def _scaling_and_facts(header: Any) -> tuple[tuple[float, float, int | None], dict[str, Any]]:
-    """(BSCALE, BZERO, BLANK) and the header values reported in ``info``, for both FITS paths."""
+    """(BSCALE, BZERO, BLANK) and the facts reported in ``info`` (every valued card, the sky position of the
+    image centre), for both FITS paths. Runs under the astropy warnings lock."""
     scaling = (float(header.get("BSCALE", 1.0)), float(header.get("BZERO", 0.0)), header.get("BLANK"))
-    return scaling, {k: _plain(header[k]) for k in FITS_HEADER_FACTS if k in header}
+    cards = {key: _plain(value) for key, value in header.items()
+             if key and key not in _COMMENTARY_KEYWORDS and value is not None and not isinstance(value, bytes)}
+    return scaling, {"header": cards, "sky": sky_centre(header)}
+
+
+_COMMENTARY_KEYWORDS = frozenset({"COMMENT", "HISTORY", ""})
+_EQUATORIAL_ICRS_LIKE = ("ICRS", "FK5", "")  # FK5 J2000 is within 0.1 arcsec of ICRS
+_WCS_KEYWORD = re.compile(r"^(WCSAXES|NAXIS\d*|CTYPE\d|CRVAL\d|CRPIX\d|CDELT\d|CUNIT\d|CROTA\d|CD\d_\d|PC\d_\d|"
+                          r"PV\d_\d+|PS\d_\d+|LONPOLE|LATPOLE|RADESYS|RADECSYS|EQUINOX|EPOCH|MJD-OBS|DATE-OBS|"
+                          r"MJDREF|DATEREF|A_\w+|B_\w+|AP_\w+|BP_\w+)$")
+
+
+def sky_centre(header: Any) -> dict[str, float] | None:
+    """ICRS RA/Dec in degrees of the image centre from a celestial WCS; None when there is none or it is invalid.
+
+    A malformed WCS is a fact about the file, never an error: the file is still classified. Only the WCS
+    cards are handed to wcslib (astropy re-serialises whatever header it gets, card by card).
+    """
+    if not str(header.get("CTYPE1", "")).strip() or not str(header.get("CTYPE2", "")).strip():
+        return None  # the common case costs one lookup: no WCS is parsed
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    try:
+        wcs = WCS(fits.Header([card for card in header.cards if _WCS_KEYWORD.match(card.keyword)]), naxis=2)
+        lng, lat = wcs.wcs.lng, wcs.wcs.lat
+        if lng < 0 or lat < 0:
+            return None  # not a celestial WCS (a spectrum's wavelength axis, a linear pixel grid)
+        x = (int(header.get("ZNAXIS1", header.get("NAXIS1", 1))) - 1) / 2
+        y = (int(header.get("ZNAXIS2", header.get("NAXIS2", 1))) - 1) / 2
+        if wcs.world_axis_physical_types[lng] == "pos.eq.ra" and \
+                wcs.wcs.radesys.strip().upper() in _EQUATORIAL_ICRS_LIKE:
+            world = wcs.pixel_to_world_values(x, y)
+            ra, dec = float(world[lng]), float(world[lat])
+        else:
+            icrs = wcs.celestial.pixel_to_world(x, y).icrs
+            ra, dec = float(icrs.ra.deg), float(icrs.dec.deg)
+    except Exception as exc:  # wcslib and astropy raise many types for broken WCS keywords
+        logger.debug("invalid WCS ignored: %s: %s", type(exc).__name__, exc)
+        return None
+    if not (np.isfinite(ra) and np.isfinite(dec)):
+        return None
+    return {"ra": ra % 360.0, "dec": dec}
 
 
 def _padded(nbytes: int) -> int:
@@ -368,7 +411,7 @@ def _choose_fits_hdu(path: Path, hdul: Any, hdu: int | str | None, max_pixels: i
     _check_pixel_limit(path, shape, max_pixels)  # before the truncation verdict: a bomb is named as such
     _check_complete(path, chosen, size)
     scaling, facts = _scaling_and_facts(header)
-    info = {"format": "fits", "hdu": hdul.index_of(chosen), "original_shape": list(shape), "header": facts}
+    info = {"format": "fits", "hdu": hdul.index_of(chosen), "original_shape": list(shape), **facts}
     return chosen, scaling, info
 
 
@@ -419,7 +462,7 @@ def _mapped_primary_image(path: Path, head: bytes, size: int, max_pixels: int
     data = np.memmap(path, dtype=dtype, mode="r", offset=data_start, shape=shape)
     stored, rule = _reduce_fits_cube(data)
     info = {"format": "fits", "hdu": 0, "original_shape": list(shape), "original_dtype": str(data.dtype),
-            "rule": rule, "header": facts}
+            "rule": rule, **facts}
     return _StoredPlane(stored, *scaling), info
 
 
@@ -477,6 +520,9 @@ def _fits_plane(path: Path, hdu: int | str | None, max_pixels: int, size: int, h
 
 
 def _plain(value: Any) -> Any:
+    """A header value as JSON can hold it (non-finite floats and other types as text)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return str(value)
     return value if isinstance(value, (int, float, str, bool)) else str(value)
 
 

@@ -54,6 +54,7 @@ DEFAULT_MODEL_PATH = HERE / "multimodal_classifier_mixup_warmup_randaug_2.keras"
 DEFAULT_SCALER_PATH = HERE / "feature_scaler.joblib"
 DEFAULT_THRESHOLDS_PATH = HERE / "thresholds_prod_precision.json"
 DEFAULT_TEMPERATURE = 0.7
+DEFAULT_HEADER_KEYS = ("OBJECT", "DATE-OBS", "MJD-OBS", "EXPTIME", "FILTER", "INSTRUME", "TELESCOP")
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_ARTIFACTS, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 
@@ -179,6 +180,7 @@ class ScoredFile:
     view_logits: np.ndarray | None  # (V, K)
     embedding: np.ndarray | None  # (E,), mean over views
     error: str | None
+    info: dict[str, Any] | None = None  # data_loader's facts about the file (FITS header cards, sky position)
 
 
 @dataclass(frozen=True)
@@ -368,6 +370,8 @@ class ClassifierService:
         the first TensorFlow use in the process.
     hdu, max_pixels :
         Passed to ``data_loader.load_sample`` for every file.
+    header_keys : sequence of str
+        FITS header cards copied into each record's ``header`` (missing cards are left out).
 
     Raises
     ------
@@ -393,6 +397,7 @@ class ClassifierService:
         inter_op_threads: int | None = None,
         hdu: int | str | None = None,
         max_pixels: int = data_loader.DEFAULT_MAX_PIXELS,
+        header_keys: Sequence[str] = DEFAULT_HEADER_KEYS,
     ) -> None:
         self.model_path = Path(model_path or DEFAULT_MODEL_PATH)
         self.scaler_path = Path(scaler_path or DEFAULT_SCALER_PATH)
@@ -400,6 +405,7 @@ class ClassifierService:
         self.workers = max(1, workers or os.cpu_count() or 1)
         self.hdu = hdu
         self.max_pixels = max_pixels
+        self.header_keys = tuple(key.upper() for key in header_keys)
         for kind, path in (("model", self.model_path), ("scaler", self.scaler_path)):
             if not path.is_file():
                 raise ArtifactError(f"{path}: {kind} file not found")
@@ -521,7 +527,8 @@ class ClassifierService:
             outputs = zip(logits, embeddings)
         for item in pending:
             logits_one, embedding_one = next(outputs) if item.sample is not None else (None, None)
-            yield ScoredFile(item.path, item.fingerprint, logits_one, embedding_one, item.error)
+            yield ScoredFile(item.path, item.fingerprint, logits_one, embedding_one, item.error,
+                             item.sample.info if item.sample is not None else None)
 
     def _load_one(self, path: str) -> _Loaded:
         fingerprint = FileFingerprint.of(path)
@@ -560,9 +567,13 @@ class ClassifierService:
             prediction_set = [self.class_names[k] for k in np.argsort(-probs, kind="stable") if members[k]]
         else:
             prediction_set = None
+        info = scored.info or {}
+        cards = info.get("header")
         return PredictionRecord(
             path=scored.path, label=UNKNOWN if reason else top_class, score=round(score, 6), top_class=top_class,
             abstained=reason is not None, abstain_reason=reason, prediction_set=prediction_set,
+            sky=info.get("sky"),
+            header=None if cards is None else {key: cards[key] for key in self.header_keys if key in cards},
             probs={name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
             timestamp=utc_now(), fingerprint=fingerprint.value if fingerprint else None,
             size=fingerprint.size if fingerprint else None,
@@ -748,7 +759,8 @@ def _run_key(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
     return {"input_dir": str(options.input_dir), "model_sha256": service.model_sha256,
             "scaler_sha256": service.scaler_sha256, "thresholds_sha256": service.thresholds_sha256,
             "operating_point": _operating_point(service, options),
-            "shard": list(options.shard) if options.shard else None, "extensions": list(options.extensions)}
+            "shard": list(options.shard) if options.shard else None, "extensions": list(options.extensions),
+            "header_keys": list(service.header_keys)}
 
 
 def _previous_records(path: Path | None, run_key: dict[str, Any], need_probs: bool) -> dict[str, dict[str, Any]]:
@@ -915,6 +927,10 @@ def _shard_arg(text: str) -> tuple[int, int]:
     return k, n
 
 
+def _header_keys_arg(text: str) -> tuple[str, ...]:
+    return tuple(key.strip().upper() for key in text.split(",") if key.strip())
+
+
 def _extensions_arg(text: str) -> tuple[str, ...]:
     try:
         return data_loader.parse_suffixes(text)
@@ -947,6 +963,9 @@ def add_artifact_args(parser: argparse.ArgumentParser, thresholds: bool = True) 
     parser.add_argument("--workers", type=positive_int, default=None, help="decode threads (default: CPUs)")
     parser.add_argument("--threads", type=positive_int, default=None, help="TensorFlow intra-op threads")
     parser.add_argument("--hdu", default=None, help="FITS HDU index or EXTNAME to read (default: first image)")
+    parser.add_argument("--header-keys", "--header_keys", type=_header_keys_arg, default=DEFAULT_HEADER_KEYS,
+                        help="comma-separated FITS cards copied into each record (default: "
+                             f"{','.join(DEFAULT_HEADER_KEYS)})")
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
 
@@ -1001,7 +1020,7 @@ def service_from_args(args: argparse.Namespace, **overrides: Any) -> ClassifierS
     """The service a subcommand's artifact flags describe (``overrides`` go to the constructor)."""
     hdu = int(args.hdu) if args.hdu is not None and args.hdu.lstrip("-").isdigit() else args.hdu
     options: dict[str, Any] = {"model_path": args.model_path, "scaler_path": args.scaler_path, "workers": args.workers,
-                               "intra_op_threads": args.threads, "hdu": hdu}
+                               "intra_op_threads": args.threads, "hdu": hdu, "header_keys": args.header_keys}
     if "operating_point" not in overrides:
         options.update(thresholds_path=args.thresholds, allow_mismatch=args.allow_mismatch)
     return ClassifierService(**options, **overrides)

@@ -75,6 +75,8 @@ class PredictionRecord:
     reused: bool = False
     abstain_reason: str | None = None  # "low_score" or "out_of_distribution" when abstained
     prediction_set: list[str] | None = None  # conformal set, most probable first (None: no sets calibrated)
+    sky: dict[str, float] | None = None  # {"ra", "dec"}: ICRS degrees of the image centre (FITS with a WCS)
+    header: dict[str, Any] | None = None  # chosen FITS header cards (None for TIFF/JPEG/PNG)
 
     @classmethod
     def failure(cls, path: str, error: str, fingerprint: FileFingerprint | None) -> PredictionRecord:
@@ -93,6 +95,8 @@ class PredictionRecord:
             "abstained": self.abstained,
             "abstain_reason": self.abstain_reason,
             "prediction_set": self.prediction_set,
+            "sky": self.sky,
+            "header": self.header,
             **({"probs": self.probs} if include_probs else {}),
             "timestamp": self.timestamp,
             "fingerprint": self.fingerprint,

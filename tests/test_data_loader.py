@@ -526,3 +526,55 @@ def test_import_does_not_load_tensorflow() -> None:
            "print(bad); sys.exit(1 if bad else 0)"
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(dl.__file__).parent, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --------------------------------------------------------------------------- sky position and header facts
+
+
+def _wcs_header(ctype: tuple[str, str] = ("RA---TAN", "DEC--TAN"), crval: tuple[float, float] = (150.1, 2.2)):
+    from astropy.wcs import WCS
+
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype, wcs.wcs.crval, wcs.wcs.crpix = list(ctype), list(crval), [100.0, 80.0]
+    wcs.wcs.cdelt = [-0.0003, 0.0003]
+    return wcs, wcs.to_header()
+
+
+@pytest.mark.parametrize("layout", ["primary", "extension", "rice"])
+def test_sky_centre_matches_astropy_within_an_arcsecond(tmp_path: Path, layout: str) -> None:
+    from astropy.coordinates import SkyCoord
+
+    wcs, header = _wcs_header()
+    header["OBJECT"] = "COSMOS"
+    pixels = ramp((300, 400))
+    path = tmp_path / f"{layout}.fits"
+    if layout == "primary":
+        fits.PrimaryHDU(pixels, header=header).writeto(path)
+    elif layout == "extension":
+        fits.HDUList([fits.PrimaryHDU(), fits.ImageHDU(pixels, header=header)]).writeto(path)
+    else:
+        fits.HDUList([fits.PrimaryHDU(), fits.CompImageHDU(pixels.astype(np.int16), header=header)]).writeto(path)
+    info = dl.load_sample(path).info
+    expected = wcs.pixel_to_world((400 - 1) / 2, (300 - 1) / 2)
+    found = SkyCoord(info["sky"]["ra"], info["sky"]["dec"], unit="deg")
+    assert found.separation(expected).arcsec < 1.0
+    assert info["header"]["OBJECT"] == "COSMOS"
+
+
+def test_galactic_wcs_is_converted_to_icrs_and_bad_wcs_is_no_error(tmp_path: Path) -> None:
+    from astropy.coordinates import SkyCoord
+
+    wcs, header = _wcs_header(("GLON-CAR", "GLAT-CAR"), (30.0, 5.0))
+    fits.PrimaryHDU(ramp((300, 400)), header=header).writeto(tmp_path / "galactic.fits")
+    sky = dl.load_sample(tmp_path / "galactic.fits").info["sky"]
+    expected = wcs.pixel_to_world((400 - 1) / 2, (300 - 1) / 2).icrs
+    assert SkyCoord(sky["ra"], sky["dec"], unit="deg").separation(expected).arcsec < 1.0
+
+    broken = fits.Header({"CTYPE1": "RA---XYZ", "CTYPE2": "DEC--XYZ", "CRVAL1": 1.0, "CRVAL2": 2.0,
+                          "CDELT1": 0.001, "CDELT2": 0.001})  # an unknown projection: wcslib refuses it
+    fits.PrimaryHDU(ramp((64, 64)), header=broken).writeto(tmp_path / "broken.fits")
+    assert dl.load_sample(tmp_path / "broken.fits").info["sky"] is None
+    fits.PrimaryHDU(ramp((64, 64))).writeto(tmp_path / "plain.fits")
+    assert dl.load_sample(tmp_path / "plain.fits").info["sky"] is None
+    tifffile.imwrite(tmp_path / "plain.tif", ramp((64, 64)))
+    assert "sky" not in dl.load_sample(tmp_path / "plain.tif").info

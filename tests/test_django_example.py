@@ -17,4 +17,4 @@ def test_django_archive_app_suite(tmp_path) -> None:
     result = subprocess.run([sys.executable, "manage.py", "test", "archive", "-v", "2"], cwd=EXAMPLE, env=env,
                             capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
-    assert "Ran 8 tests" in result.stderr and "OK" in result.stderr
+    assert "Ran 9 tests" in result.stderr and "OK" in result.stderr

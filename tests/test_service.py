@@ -164,3 +164,23 @@ def test_import_loads_no_tensorflow_so_forking_parents_stay_safe() -> None:
     result = subprocess.run([sys.executable, "-c", code], cwd=Path(ir.__file__).parent, capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_records_carry_sky_and_chosen_header_cards(tiny_service, tmp_path: Path) -> None:
+    from astropy.io import fits
+    from astropy.wcs import WCS
+
+    wcs = WCS(naxis=2)
+    wcs.wcs.ctype, wcs.wcs.crval, wcs.wcs.crpix, wcs.wcs.cdelt = ["RA---TAN", "DEC--TAN"], [10.0, -5.0], \
+        [32.5, 32.5], [-0.001, 0.001]
+    header = wcs.to_header()
+    header["OBJECT"], header["FILTER"], header["GAIN"] = "NGC 253", "r", 1.5
+    fits.PrimaryHDU(render_frame("galaxy", 1, 64), header=header).writeto(tmp_path / "a.fits")
+    write_frame(render_frame("galaxy", 2, 64), tmp_path / "b", "tiff_uint16")
+    fits_record, tiff_record = tiny_service.predict_paths([tmp_path / "a.fits", tmp_path / "b.tif"])
+    assert fits_record.sky == pytest.approx({"ra": 10.0, "dec": -5.0}, abs=1e-6)
+    assert fits_record.header == {"OBJECT": "NGC 253", "FILTER": "r"}, "only the chosen cards, missing ones left out"
+    assert tiff_record.sky is None and tiff_record.header is None
+    custom = ir.ClassifierService(tiny_service.model_path, tiny_service.scaler_path, tiny_service.thresholds_path,
+                                  header_keys=("gain", "object"))
+    assert custom.predict_paths([tmp_path / "a.fits"])[0].header == {"GAIN": 1.5, "OBJECT": "NGC 253"}

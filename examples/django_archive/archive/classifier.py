@@ -28,8 +28,9 @@ from inference_runner import (
 
 logger = logging.getLogger(__name__)
 
-RESULT_FIELDS = ["size", "mtime", "fingerprint", "label", "score", "abstained", "probs", "prediction_set",
-                 "model_sha256", "classified_fingerprint", "classified_at", "error", "classification_count"]
+RESULT_FIELDS = ["size", "mtime", "fingerprint", "label", "score", "abstained", "probs", "prediction_set", "ra",
+                 "dec", "header", "model_sha256", "classified_fingerprint", "classified_at", "error",
+                 "classification_count"]
 OUTSIDE_ROOTS = "path is outside ARCHIVE_ROOTS; refused"
 
 _service: ClassifierService | None = None
@@ -113,6 +114,7 @@ def _apply(row: ArchiveFile, record: PredictionRecord | None, model_sha256: str)
     row.classification_count = F("classification_count") + 1
     if record is None or record.error:
         row.label, row.score, row.abstained, row.probs, row.prediction_set = "", None, None, None, None
+        row.ra, row.dec, row.header = None, None, None
         row.error = OUTSIDE_ROOTS if record is None else record.error
         row.classified_fingerprint = record.fingerprint if record and record.fingerprint else row.fingerprint
         if record and record.fingerprint:
@@ -121,7 +123,8 @@ def _apply(row: ArchiveFile, record: PredictionRecord | None, model_sha256: str)
     row.size, row.mtime, row.fingerprint = record.size, record.mtime, record.fingerprint  # as read, not as registered
     row.classified_fingerprint = record.fingerprint
     row.label, row.score, row.abstained, row.probs = record.label, record.score, record.abstained, record.probs
-    row.prediction_set = record.prediction_set
+    row.prediction_set, row.header = record.prediction_set, record.header
+    row.ra, row.dec = (record.sky["ra"], record.sky["dec"]) if record.sky else (None, None)
     row.error = ""
 
 

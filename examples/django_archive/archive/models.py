@@ -18,6 +18,9 @@ class ArchiveFile(models.Model):
     abstained = models.BooleanField(null=True, blank=True)
     probs = models.JSONField(null=True, blank=True)
     prediction_set = models.JSONField(null=True, blank=True)  # conformal set of class names, most probable first
+    ra = models.FloatField(null=True, blank=True)  # ICRS degrees of the image centre (FITS with a celestial WCS)
+    dec = models.FloatField(null=True, blank=True)
+    header = models.JSONField(null=True, blank=True)  # the FITS cards the service reports (OBJECT, DATE-OBS, ...)
     model_sha256 = models.CharField(max_length=64, blank=True, default="")
     classified_fingerprint = models.CharField(max_length=64, blank=True, default="")
     classified_at = models.DateTimeField(null=True, blank=True)
@@ -27,7 +30,8 @@ class ArchiveFile(models.Model):
     objects = ArchiveFileQuerySet.as_manager()
 
     class Meta:
-        indexes = (models.Index(fields=["classified_fingerprint"]), models.Index(fields=["label"]))
+        indexes = (models.Index(fields=["classified_fingerprint"]), models.Index(fields=["label"]),
+                   models.Index(fields=["ra", "dec"]))
 
     def __str__(self) -> str:
         return f"{self.path} [{self.label or 'unclassified'}]"

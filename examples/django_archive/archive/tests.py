@@ -104,6 +104,27 @@ class ArchiveCommandsTest(TestCase):
         self.command("register_files", str(self.root))
         self.assertIn("dry run: 1 file(s)", self.command("classify_new_files", "--dry-run"))
 
+    def test_sky_position_and_header_cards_are_stored(self) -> None:
+        from astropy.io import fits
+        from astropy.wcs import WCS
+
+        wcs = WCS(naxis=2)
+        wcs.wcs.ctype, wcs.wcs.crval, wcs.wcs.crpix = ["RA---TAN", "DEC--TAN"], [150.1, 2.2], [64.5, 64.5]
+        wcs.wcs.cdelt = [-0.0003, 0.0003]
+        header = wcs.to_header()
+        header["OBJECT"], header["EXPTIME"] = "COSMOS", 120.0
+        fits.PrimaryHDU(render_frame("galaxy", 5, 128), header=header).writeto(self.root / "night0" / "cosmos.fits")
+        self.command("register_files", str(self.root))
+        self.command("classify_new_files")
+        row = ArchiveFile.objects.get(path__endswith="cosmos.fits")
+        self.assertAlmostEqual(row.ra, 150.1, places=4)
+        self.assertAlmostEqual(row.dec, 2.2, places=4)
+        self.assertEqual(row.header, {"OBJECT": "COSMOS", "EXPTIME": 120.0})
+        self.assertTrue(ArchiveFile.objects.filter(ra__range=(150.0, 150.2), dec__range=(2.1, 2.3)).exists())
+        tiff = ArchiveFile.objects.filter(path__endswith=".tif").first()
+        self.assertIsNone(tiff.ra)
+        self.assertIsNone(tiff.header)
+
     def test_misuse_raises_command_error(self) -> None:
         with self.assertRaisesMessage(CommandError, "--batch-size"):
             call_command("classify_new_files", "--batch-size", "0")
