@@ -1,6 +1,6 @@
 """The ``inference-runner`` command: every subcommand, each registered by the module that implements it.
 
-``inference_runner`` (the library) knows only ``filesystem``; ``calibration``
+``inference_runner`` (the library) knows ``filesystem`` and ``convert``; ``calibration``
 adds ``calibrate`` and ``evaluate``; ``training.user_train`` adds ``train``.
 This module sits above them all, so the library never imports the modules that
 build on it (the import graph reads top-down, with no cycle).
@@ -15,7 +15,8 @@ import calibration
 import inference_runner
 from training import user_train
 
-REGISTRARS = (inference_runner.add_filesystem_command, calibration.add_commands, user_train.add_command)
+REGISTRARS = (inference_runner.add_filesystem_command, inference_runner.add_convert_command, calibration.add_commands,
+              user_train.add_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

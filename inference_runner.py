@@ -31,6 +31,7 @@ import numpy as np
 
 import data_loader
 from report import (
+    OUTPUT_FORMATS,
     SCHEMA_VERSION,
     UNKNOWN,
     Checkpoint,
@@ -40,6 +41,7 @@ from report import (
     PredictionRecord,
     check_writable,
     checkpoint_path,
+    format_of,
     read_report,
     sort_key,
     utc_now,
@@ -975,7 +977,9 @@ def add_filesystem_command(commands: Any) -> None:
     fs = commands.add_parser("filesystem", help="classify every FITS/TIFF file under a directory")
     fs.add_argument("--input_dir", "--input-dir", type=Path, required=True)
     fs.add_argument("--output_json", "--output-json", type=Path, required=True)
-    fs.add_argument("--output_format", "--output-format", choices=("json", "jsonl"), default="json")
+    fs.add_argument("--output_format", "--output-format", choices=OUTPUT_FORMATS, default=None,
+                    help="json, jsonl, or a table: ecsv, fits, votable, csv (default: from the output's extension, "
+                         "else json)")
     fs.add_argument("--batch_size", "--batch-size", type=positive_int, default=32)
     fs.add_argument("--temperature", type=positive_float, default=None,
                     help="divide logits by this before softmax (default: the calibrated one)")
@@ -996,6 +1000,43 @@ def add_filesystem_command(commands: Any) -> None:
     add_artifact_args(fs)
     fs.set_defaults(handler=_cmd_filesystem)
 
+
+
+def _output_format(chosen: str | None, output: Path) -> str:
+    """The format asked for, else the one the output's extension names, else JSON."""
+    if chosen is not None:
+        return chosen
+    try:
+        return format_of(output)
+    except ValueError:
+        return "json"
+
+
+def add_convert_command(commands: Any) -> None:
+    """Register ``convert`` (a JSON/JSONL report into any report format) on an ``add_subparsers()`` object."""
+    conv = commands.add_parser("convert", help="convert a JSON/JSONL report to ECSV, FITS, VOTable, CSV or JSON")
+    conv.add_argument("report", type=Path, help="a report written by filesystem (JSON or JSONL)")
+    conv.add_argument("output", type=Path, help="the new file; its extension picks the format unless --format")
+    conv.add_argument("--format", choices=OUTPUT_FORMATS, default=None)
+    conv.add_argument("--quiet", action="store_true")
+    conv.add_argument("--verbose", action="store_true")
+    conv.set_defaults(handler=_cmd_convert)
+
+
+def _cmd_convert(args: argparse.Namespace) -> int:
+    try:
+        output_format = args.format or format_of(args.output)
+        meta, records = read_report(args.report)
+        check_writable(args.output.absolute())
+        write_report(args.output.absolute(), meta, records, output_format, bool(meta.get("include_probs")))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except (OSError, KeyError) as exc:
+        print(f"error: {args.report} -> {args.output}: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+    print(f"wrote {args.output} ({output_format})")
+    return EXIT_OK
 
 
 CommandRegistrar = Callable[[Any], None]
@@ -1051,7 +1092,8 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
         return EXIT_ARTIFACTS
     options = RunOptions(input_dir=input_dir, output=output, batch_size=args.batch_size, tta=args.tta,
                          temperature=args.temperature, abstain=args.abstain_unknown,
-                         include_probs=args.include_probs, output_format=args.output_format, resume=args.resume,
+                         include_probs=args.include_probs, output_format=_output_format(args.output_format, output),
+                         resume=args.resume,
                          previous_report=args.previous_report, shard=args.shard, progress=not args.quiet,
                          extensions=args.extensions)
     started = time.perf_counter()

@@ -10,6 +10,7 @@ O(sessions), and a killed run leaves the old report or none, never a torn one.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import io
 import json
@@ -21,6 +22,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 logger = logging.getLogger(__name__)
 
@@ -172,33 +175,29 @@ def _process_umask() -> int:
 _UMASK = _process_umask()
 
 
-class AtomicWriter:
-    """Write a text file via a temp file in the same directory, fsync, then ``os.replace``."""
+@contextlib.contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """A temp path in ``target``'s directory to write; on success it is fsynced and moved onto ``target``
+    with ``os.replace``, on failure removed. A reader sees the old file or the new one, never a torn one."""
+    fd, temp_name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a report should get the usual permissions
+    os.close(fd)
+    try:
+        yield Path(temp_name)
+        with open(temp_name, "rb+") as written:
+            os.fsync(written.fileno())
+        os.replace(temp_name, target)
+        fsync_directory(target.parent)
+    finally:
+        if os.path.exists(temp_name):
+            os.unlink(temp_name)
 
-    def __init__(self, target: Path) -> None:
-        self.target = target
-        self._handle: io.TextIOWrapper | None = None
-        self._temp_name = ""
 
-    def __enter__(self) -> io.TextIOWrapper:
-        fd, self._temp_name = tempfile.mkstemp(dir=self.target.parent, prefix=f".{self.target.name}.", suffix=".tmp")
-        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; a report should get the usual permissions
-        self._handle = os.fdopen(fd, "w", encoding="utf-8")
-        return self._handle
-
-    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        assert self._handle is not None
-        try:
-            if exc_type is None:
-                self._handle.flush()
-                os.fsync(self._handle.fileno())
-            self._handle.close()
-            if exc_type is None:
-                os.replace(self._temp_name, self.target)
-                fsync_directory(self.target.parent)
-        finally:
-            if os.path.exists(self._temp_name):
-                os.unlink(self._temp_name)
+@contextlib.contextmanager
+def AtomicWriter(target: Path) -> Iterator[io.TextIOWrapper]:
+    """A text handle on :func:`atomic_path`."""
+    with atomic_path(target) as temp, open(temp, "w", encoding="utf-8") as handle:
+        yield handle
 
 
 # --------------------------------------------------------------------------- checkpoint
@@ -324,9 +323,30 @@ def _diff_keys(old: dict[str, Any], new: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------- final report
 
 
+JSON_FORMATS = ("json", "jsonl")
+TABLE_FORMATS = {"ecsv": "ascii.ecsv", "fits": "fits", "votable": "votable", "csv": "ascii.csv"}  # astropy names
+OUTPUT_FORMATS = (*JSON_FORMATS, *TABLE_FORMATS)
+_FORMAT_OF_SUFFIX = {".json": "json", ".jsonl": "jsonl", ".ecsv": "ecsv", ".fits": "fits", ".fit": "fits",
+                     ".vot": "votable", ".votable": "votable", ".xml": "votable", ".csv": "csv"}
+
+
+def format_of(path: Path) -> str:
+    """The report format a file name asks for (``.ecsv``, ``.fits``, ``.vot``/``.xml``, ``.csv``, ``.json[l]``)."""
+    try:
+        return _FORMAT_OF_SUFFIX[path.suffix.lower()]
+    except KeyError:
+        raise ValueError(f"{path}: unknown report extension; use one of {', '.join(_FORMAT_OF_SUFFIX)}") from None
+
+
 def write_report(output: Path, meta: dict[str, Any], records: Iterable[dict[str, Any]], output_format: str,
                  include_probs: bool) -> None:
-    """Stream ``meta`` and ``records`` into ``output`` atomically (JSON object or JSON Lines)."""
+    """Stream ``meta`` and ``records`` into ``output`` atomically: a JSON object, JSON Lines, or a table
+    (ECSV, FITS binary table, VOTable, CSV) that TOPCAT and astropy open as it is."""
+    if output_format in TABLE_FORMATS:
+        table = results_table(meta, (_shape(r, include_probs) for r in records), include_probs)
+        with atomic_path(output) as temp:
+            _write_table(table, meta, temp, output_format)
+        return
     with AtomicWriter(output) as handle:
         if output_format == "jsonl":
             handle.write(json.dumps({"meta": meta}) + "\n")
@@ -337,6 +357,80 @@ def write_report(output: Path, meta: dict[str, Any], records: Iterable[dict[str,
         for index, record in enumerate(records):
             handle.write(("\n" if index == 0 else ",\n") + json.dumps(_shape(record, include_probs)))
         handle.write("\n]}\n")
+
+
+def results_table(meta: dict[str, Any], records: Iterable[dict[str, Any]], include_probs: bool) -> Any:
+    """The records as an astropy Table: one row per file, nulls masked, ``prediction_set`` as ``a|b``, ``header``
+    as JSON text, one ``prob_<class>`` column per class (``meta`` gives the class names)."""
+    from astropy.table import MaskedColumn, Table
+
+    rows = list(records)
+    names = list(meta["class_names"])
+    columns: dict[str, list[Any]] = {key: [] for key in _TABLE_COLUMNS}
+    columns.update({f"prob_{name}": [] for name in names} if include_probs else {})
+    for row in rows:
+        flat = {**row, "ra": (row.get("sky") or {}).get("ra"), "dec": (row.get("sky") or {}).get("dec"),
+                "prediction_set": "|".join(row["prediction_set"]) if row.get("prediction_set") else None,
+                "header": json.dumps(row["header"]) if row.get("header") is not None else None}
+        for name in names if include_probs else ():
+            flat[f"prob_{name}"] = (row.get("probs") or {}).get(name)
+        for key, values in columns.items():
+            values.append(flat.get(key))
+    table = Table()
+    for key, values in columns.items():
+        table[key] = _masked_column(MaskedColumn, key, values)
+    return table
+
+
+def _write_table(table: Any, meta: dict[str, Any], path: Path, output_format: str) -> None:
+    """Write with the report meta where each format keeps it: ECSV as it is (YAML), a FITS header card as JSON
+    text, a VOTable INFO as JSON text (an attribute: nothing re-wraps it); CSV has no place for it."""
+    text = json.dumps(meta)
+    if output_format == "votable":
+        from astropy.io.votable import from_table
+        from astropy.io.votable.tree import Info
+
+        votable = from_table(table)
+        votable.get_first_table().infos.append(Info(name=REPORT_META_KEY, value=text))
+        votable.to_xml(str(path))
+        return
+    table.meta = {"ecsv": {REPORT_META_KEY: meta}, "fits": {"RPTMETA": text}}.get(output_format, {})
+    table.write(path, format=TABLE_FORMATS[output_format], overwrite=True)
+
+
+def read_table_meta(path: Path) -> dict[str, Any] | None:
+    """The report meta a table written by :func:`write_report` carries (None for CSV)."""
+    output_format = format_of(path)
+    if output_format == "votable":
+        from astropy.io.votable import parse
+
+        infos = [info for info in parse(str(path)).get_first_table().infos if info.name == REPORT_META_KEY]
+        return json.loads(infos[0].value) if infos else None
+    if output_format == "fits":
+        from astropy.io import fits
+
+        text = fits.getheader(path, 1).get("RPTMETA")
+        return json.loads(text) if text else None
+    if output_format == "ecsv":
+        from astropy.table import Table
+
+        return Table.read(path, format=TABLE_FORMATS["ecsv"]).meta.get(REPORT_META_KEY)
+    return None
+
+
+REPORT_META_KEY = "report_meta"
+_TABLE_COLUMNS = ("path", "class", "score", "top_class", "abstained", "abstain_reason", "prediction_set", "ra", "dec",
+                  "header", "timestamp", "fingerprint", "size", "mtime", "error", "reused")
+_FILL = {float: np.nan, int: -1, bool: False, str: ""}
+
+
+def _masked_column(column_type: Any, name: str, values: list[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    kind = float if name in ("score", "ra", "dec", "mtime") or name.startswith("prob_") else \
+        type(present[0]) if present else str
+    fill = _FILL.get(kind, "")
+    data = [fill if v is None else v for v in values]
+    return column_type(data, name=name, mask=[v is None for v in values], dtype=kind if kind is not str else str)
 
 
 def _shape(record: dict[str, Any], include_probs: bool) -> dict[str, Any]:

@@ -187,3 +187,44 @@ def test_extensions_widen_the_walk(tiny_artifacts: dict[str, Path], mixed_dir: P
     with pytest.raises(SystemExit):
         run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(tmp_path / "x.json"),
                 "--extensions", ".gif")
+
+
+@pytest.mark.parametrize("suffix", [".ecsv", ".fits", ".vot", ".csv"])
+def test_table_reports_round_trip_through_astropy(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path,
+                                                  suffix: str) -> None:
+    import numpy as np
+    from astropy.table import Table
+
+    from report import TABLE_FORMATS, format_of, read_table_meta
+
+    reference = tmp_path / "report.json"
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(reference),
+                   "--include-probs") == ir.EXIT_OK
+    document = validate(reference)
+    direct = tmp_path / f"direct{suffix}"
+    assert run_cli(tiny_artifacts, "--input_dir", str(mixed_dir), "--output_json", str(direct),
+                   "--include-probs") == ir.EXIT_OK, "the extension picks the table format"
+    converted = tmp_path / f"converted{suffix}"
+    assert cli.main(["convert", str(reference), str(converted)]) == ir.EXIT_OK
+    for path in (direct, converted):
+        table = Table.read(path, format=TABLE_FORMATS[format_of(path)])
+        assert len(table) == len(document["results"]) == 11
+        for row, record in zip(table, document["results"]):
+            assert row["path"] == record["path"]
+            if record["error"]:
+                assert np.ma.is_masked(row["class"]) or row["class"] in ("", "--")
+                assert np.ma.is_masked(row["score"]) and row["error"] == record["error"]
+                continue
+            assert row["class"] == record["class"] and row["top_class"] == record["top_class"]
+            assert float(row["score"]) == pytest.approx(record["score"], abs=1e-9)
+            assert str(row["abstained"]) == str(record["abstained"])  # CSV reads booleans back as text
+            assert row["prediction_set"] == "|".join(record["prediction_set"])
+            for name, value in record["probs"].items():
+                assert float(row[f"prob_{name}"]) == pytest.approx(value, abs=1e-9)
+        meta = read_table_meta(path)
+        if suffix == ".csv":
+            assert meta is None
+        else:
+            assert meta["class_names"] == document["meta"]["class_names"]
+            assert meta["counts"] == document["meta"]["counts"]
+    assert cli.main(["convert", str(reference), str(tmp_path / "bad.txt")]) == ir.EXIT_USAGE
