@@ -13,10 +13,11 @@ from collections.abc import Sequence
 
 import calibration
 import inference_runner
+import review
 from training import user_train
 
-REGISTRARS = (inference_runner.add_filesystem_command, inference_runner.add_convert_command, calibration.add_commands,
-              user_train.add_command)
+REGISTRARS = (inference_runner.add_filesystem_command, inference_runner.add_convert_command, review.add_command,
+              calibration.add_commands, user_train.add_command)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -994,6 +994,8 @@ def add_filesystem_command(commands: Any) -> None:
                     help="reuse results of unchanged files from this earlier report")
     fs.add_argument("--shard", type=_shard_arg, default=None, help="K/N: take this machine's share of the tree")
     fs.add_argument("--fail-on-error", action="store_true", help="exit 1 when any file failed")
+    fs.add_argument("--html", type=Path, default=None,
+                    help="also write the HTML review page of the report here (JSON/JSONL reports)")
     fs.add_argument("--extensions", type=_extensions_arg, default=data_loader.ARCHIVE_SUFFIXES,
                     help="comma-separated file extensions to walk, e.g. .fits,.fz,.tif,.jpg,.png "
                          "(default: FITS and TIFF)")
@@ -1080,8 +1082,15 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
             count += 1
         print(f"dry run: {count} file(s) would be classified into {output}", file=sys.stderr)
         return EXIT_OK
+    output_format = _output_format(args.output_format, output)
+    if args.html is not None and output_format not in ("json", "jsonl"):
+        print(f"error: --html reads a json or jsonl report, not {output_format} (convert a table report with "
+              f"`inference-runner convert`)", file=sys.stderr)
+        return EXIT_USAGE
     try:
         check_writable(output)
+        if args.html is not None:
+            check_writable(args.html.absolute())
     except OSError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_OUTPUT
@@ -1092,7 +1101,7 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
         return EXIT_ARTIFACTS
     options = RunOptions(input_dir=input_dir, output=output, batch_size=args.batch_size, tta=args.tta,
                          temperature=args.temperature, abstain=args.abstain_unknown,
-                         include_probs=args.include_probs, output_format=_output_format(args.output_format, output),
+                         include_probs=args.include_probs, output_format=output_format,
                          resume=args.resume,
                          previous_report=args.previous_report, shard=args.shard, progress=not args.quiet,
                          extensions=args.extensions)
@@ -1112,6 +1121,11 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - started
     coverage = counts.as_json(options.abstain)["coverage"]
     print(f"wrote {output}")
+    if args.html is not None:
+        import review
+
+        review.write_review(output, args.html.absolute(), workers=args.workers)
+        print(f"wrote {args.html}")
     print(f"{counts.total} files in {elapsed:.1f} s: {counts.classified} classified, {counts.abstained} unknown, "
           f"{counts.errors} errors, {counts.reused} reused"
           + (f"; coverage {coverage:.1%}" if coverage is not None else ""))
