@@ -427,12 +427,19 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
             "prediction_sets": prediction_set_report(op, probs, data.labels, tta),
         }
         if ood is not None:
-            ood_probs = ir.calibrated_probs(ood.for_tta(tta), temperature)
-            by_score = ~accepted_mask(ood_probs, names, op.thresholds[tta])
-            by_both = ~accepted_mask(ood_probs, names, op.thresholds[tta], op.inside(ood.embeddings))
-            result[key]["ood"] = {"n": len(ood_probs), "abstained_fraction": float(by_both.mean()),
-                                  "abstained_fraction_thresholds_only": float(by_score.mean())}
+            result[key]["ood"] = ood_abstention(op, names, ood, temperature, tta)
     return result
+
+
+def ood_abstention(op: ir.OperatingPoint, class_names: Sequence[str], data: LabelledLogits, temperature: float,
+                   tta: bool = True) -> dict[str, Any]:
+    """Share of out-of-distribution files abstained on: by thresholds and gates, and by thresholds alone."""
+    probs = ir.calibrated_probs(data.for_tta(tta), temperature)
+    thresholds = op.thresholds[tta]
+    return {"n": len(probs),
+            "abstained_fraction": float((~accepted_mask(probs, class_names, thresholds,
+                                                        op.inside(data.embeddings))).mean()),
+            "abstained_fraction_thresholds_only": float((~accepted_mask(probs, class_names, thresholds)).mean())}
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -88,18 +88,6 @@ def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temp
     return metrics
 
 
-def ood_abstention(op: ir.OperatingPoint, class_names: list[str], data: calibration.LabelledLogits,
-                   temperature: float) -> dict[str, float]:
-    """Share of out-of-distribution files abstained on, with TTA: by thresholds and gates, and thresholds alone."""
-    probs = ir.calibrated_probs(data.view_logits, temperature)
-    thresholds = op.thresholds[True]
-    return {"n": len(probs),
-            "abstained_fraction": float((~calibration.accepted_mask(probs, class_names, thresholds,
-                                                                    op.inside(data.embeddings))).mean()),
-            "abstained_fraction_thresholds_only": float(
-                (~calibration.accepted_mask(probs, class_names, thresholds)).mean())}
-
-
 def ood_by_kind(service: ir.ClassifierService, ood_dir: Path, temperature: float,
                 loko: tuple[np.ndarray, dict[str, calibration.LabelledLogits]] | None) -> dict[str, Any]:
     """Abstention on each held-out kind: with the shipped gates and, given the learned gate's fit data, with a
@@ -107,22 +95,23 @@ def ood_by_kind(service: ir.ClassifierService, ood_dir: Path, temperature: float
     op, names = service.operating_point, list(service.class_names)
     result = {}
     for kind, data in ood_embeddings(service, ood_dir).items():
-        result[kind] = ood_abstention(op, names, data, temperature)
-        result[kind]["abstained_fraction_mahalanobis_only"] = ood_abstention(
+        result[kind] = calibration.ood_abstention(op, names, data, temperature)
+        result[kind]["abstained_fraction_mahalanobis_only"] = calibration.ood_abstention(
             dataclasses.replace(op, ood_classifier=None), names, data, temperature)["abstained_fraction"]
         result[kind]["held_out"] = op.ood_classifier is None or kind not in op.ood_classifier.kinds
         if loko is not None:
             in_distribution, fit_set = loko
             others = {k: v.embeddings for k, v in fit_set.items() if k != kind}
             refitted = dataclasses.replace(op, ood_classifier=calibration.fit_ood_classifier(in_distribution, others))
-            result[kind]["abstained_fraction_leave_one_kind_out"] = ood_abstention(
+            result[kind]["abstained_fraction_leave_one_kind_out"] = calibration.ood_abstention(
                 refitted, names, data, temperature)["abstained_fraction"]
     return result
 
 
 def real_breakdown(service: ir.ClassifierService, files: Sequence[LabelledFile], temperature: float,
-                   seen_objects: set[str]) -> dict[str, Any]:
-    """Figures on real validation files: overall, per source, per source x class, and on unseen objects only."""
+                   seen_objects: set[str]) -> tuple[dict[str, Any], calibration.LabelledLogits]:
+    """Figures on real validation files (overall, per source, per source x class, on unseen objects only) and
+    the model outputs they were computed from."""
     names = list(service.class_names)
     data = calibration.collect_logits(service, [(f.path, names.index(f.label)) for f in files], BATCH_SIZE)
     by_path = {str(f.path): f for f in files}
@@ -138,8 +127,7 @@ def real_breakdown(service: ir.ClassifierService, files: Sequence[LabelledFile],
             fresh = rows[unseen[rows]]
             result["per_source"][source]["unseen_objects"] = (
                 _brief(service, _subset(data, fresh), temperature) if len(fresh) else None)
-    result["_data"] = data
-    return result
+    return result, data
 
 
 def evaluate_all(model_path: Path, scaler_path: Path, thresholds_path: Path, class_names: list[str], *,
@@ -156,9 +144,8 @@ def evaluate_all(model_path: Path, scaler_path: Path, thresholds_path: Path, cla
         result["simulated_test"] = calibration.evaluate(service, data, temperature, None)
         calibration.write_plots(output_dir, service, data, temperature)
     if real_validation:
-        real = real_breakdown(service, real_validation, temperature, seen_objects or set())
-        calibration.write_plots(_mkdir(output_dir / "real"), service, real.pop("_data"), temperature)
-        result["real_validation"] = real
+        result["real_validation"], data = real_breakdown(service, real_validation, temperature, seen_objects or set())
+        calibration.write_plots(_mkdir(output_dir / "real"), service, data, temperature)
     if ood_dir is not None:
         result["ood_by_kind"] = ood_by_kind(service, ood_dir, temperature, loko)
     result["summary"] = summary(result)
