@@ -297,6 +297,40 @@ def _open_fits(path: Path) -> Any:
         raise ImageLoadError(path, f"unreadable FITS: {exc}") from exc
 
 
+def _extname(header: Any) -> str | None:
+    name = header.get("EXTNAME")
+    return str(name).strip() if name is not None else None
+
+
+def _is_image(hdu: Any) -> bool:
+    """An HDU holding an image of two or more axes (random groups are not images)."""
+    from astropy.io import fits
+
+    return isinstance(hdu, (fits.PrimaryHDU, fits.ImageHDU, fits.CompImageHDU)) and \
+        not isinstance(hdu, fits.GroupsHDU) and hdu.header.get("NAXIS", 0) >= 2
+
+
+def image_hdus(path: str | os.PathLike[str]) -> list[tuple[int, str | None]]:
+    """(index, EXTNAME) of every image HDU of a FITS file, from its headers alone (a mosaic's CCDs).
+
+    Raises
+    ------
+    ImageLoadError
+        When the file is not a readable FITS file.
+    """
+    path = Path(path)
+    if _file_kind(path) != "fits":
+        raise ImageLoadError(path, "only FITS files have HDUs")
+    _check_magic(path, "fits")
+    with _astropy_warnings_logged(path):
+        hdul = _open_fits(path)
+    try:
+        with _decode_errors(path, "FITS headers"), _astropy_warnings_logged(path):
+            return [(index, _extname(hdu.header)) for index, hdu in enumerate(hdul) if _is_image(hdu)]
+    finally:
+        hdul.close()
+
+
 def _pick_fits_hdu(path: Path, hdul: Any, hdu: int | str | None) -> Any:
     from astropy.io import fits
 
@@ -411,7 +445,8 @@ def _choose_fits_hdu(path: Path, hdul: Any, hdu: int | str | None, max_pixels: i
     _check_pixel_limit(path, shape, max_pixels)  # before the truncation verdict: a bomb is named as such
     _check_complete(path, chosen, size)
     scaling, facts = _scaling_and_facts(header)
-    info = {"format": "fits", "hdu": hdul.index_of(chosen), "original_shape": list(shape), **facts}
+    info = {"format": "fits", "hdu": hdul.index_of(chosen), "extname": _extname(header), "original_shape": list(shape),
+            **facts}
     return chosen, scaling, info
 
 
@@ -461,7 +496,8 @@ def _mapped_primary_image(path: Path, head: bytes, size: int, max_pixels: int
     _check_length(path, size, data_start + _padded(data_bytes))
     data = np.memmap(path, dtype=dtype, mode="r", offset=data_start, shape=shape)
     stored, rule = _reduce_fits_cube(data)
-    info = {"format": "fits", "hdu": 0, "original_shape": list(shape), "original_dtype": str(data.dtype),
+    info = {"format": "fits", "hdu": 0, "extname": _extname(header), "original_shape": list(shape),
+            "original_dtype": str(data.dtype),
             "rule": rule, **facts}
     return _StoredPlane(stored, *scaling), info
 

@@ -31,6 +31,7 @@ import numpy as np
 
 import data_loader
 from report import (
+    HDU_KEY,
     OUTPUT_FORMATS,
     SCHEMA_VERSION,
     UNKNOWN,
@@ -164,13 +165,45 @@ class OodClassifier:
 
 
 @dataclass(frozen=True)
+class HduRef:
+    """One image HDU of a FITS file (``--hdu all``: each CCD of a mosaic is classified on its own)."""
+
+    path: str
+    index: int
+    extname: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.path}[{self.index}]"  # cfitsio's extended file name
+
+
+def expand_hdus(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str | os.PathLike[str] | HduRef]:
+    """Each FITS path as one HduRef per image HDU (headers only are read); other paths, and FITS files whose
+    headers cannot be read (their record will carry the error), as they are."""
+    for path in paths:
+        if not data_loader.is_supported(path, data_loader.ARCHIVE_SUFFIXES) or \
+                str(path).lower().endswith(data_loader.TIFF_SUFFIXES):
+            yield path
+            continue
+        try:
+            found = data_loader.image_hdus(path)
+        except data_loader.ImageLoadError as exc:
+            logger.debug("%s", exc)
+            found = []
+        if not found:
+            yield path
+        for index, extname in found:
+            yield HduRef(str(path), index, extname)
+
+
+@dataclass(frozen=True)
 class _Loaded:
-    """A decoded file waiting for its batch (sample is None when it failed)."""
+    """A decoded file (or HDU) waiting for its batch (sample is None when it failed)."""
 
     path: str
     fingerprint: FileFingerprint | None
     sample: data_loader.Sample | None
     error: str | None
+    hdu: HduRef | None = None
 
 
 @dataclass(frozen=True)
@@ -183,6 +216,7 @@ class ScoredFile:
     embedding: np.ndarray | None  # (E,), mean over views
     error: str | None
     info: dict[str, Any] | None = None  # data_loader's facts about the file (FITS header cards, sky position)
+    hdu: dict[str, Any] | None = None  # {"index", "extname"} of the FITS HDU read
 
 
 @dataclass(frozen=True)
@@ -508,14 +542,14 @@ class ClassifierService:
         with ThreadPoolExecutor(self.workers, thread_name_prefix="decode") as pool:
             path_iter = iter(paths)
             for path in path_iter:
-                window.append(pool.submit(self._load_one, str(path)))
+                window.append(pool.submit(self._load_one, path))
                 if len(window) >= 2 * batch_size:
                     break
             while window:
                 pending.append(window.popleft().result())
                 next_path = next(path_iter, None)
                 if next_path is not None:
-                    window.append(pool.submit(self._load_one, str(next_path)))
+                    window.append(pool.submit(self._load_one, next_path))
                 if sum(item.sample is not None for item in pending) >= batch_size or not window:
                     yield from self._score(pending, tta)
                     pending = []
@@ -529,30 +563,33 @@ class ClassifierService:
             outputs = zip(logits, embeddings)
         for item in pending:
             logits_one, embedding_one = next(outputs) if item.sample is not None else (None, None)
-            yield ScoredFile(item.path, item.fingerprint, logits_one, embedding_one, item.error,
-                             item.sample.info if item.sample is not None else None)
+            info = item.sample.info if item.sample is not None else None
+            yield ScoredFile(item.path, item.fingerprint, logits_one, embedding_one, item.error, info,
+                             _hdu_of(item.hdu, info))
 
-    def _load_one(self, path: str) -> _Loaded:
+    def _load_one(self, item: str | os.PathLike[str] | HduRef) -> _Loaded:
+        ref = item if isinstance(item, HduRef) else None
+        path, hdu = (ref.path, ref.index) if ref else (str(item), self.hdu)
         fingerprint = FileFingerprint.of(path)
         try:
-            return _Loaded(path, fingerprint, data_loader.load_sample(path, self.scaler, hdu=self.hdu,
-                                                                      max_pixels=self.max_pixels), None)
+            sample = data_loader.load_sample(path, self.scaler, hdu=hdu, max_pixels=self.max_pixels)
+            return _Loaded(path, fingerprint, sample, None, ref)
         except data_loader.ImageLoadError as exc:
-            logger.warning("%s", exc)
-            return _Loaded(path, fingerprint, None, exc.cause)
+            logger.warning("%s", exc if ref is None else f"{exc} (HDU {ref.index})")
+            return _Loaded(path, fingerprint, None, exc.cause, ref)
         except MemoryError:
-            logger.error("%s: out of memory while decoding", path)
-            return _Loaded(path, fingerprint, None, "out of memory while decoding")
+            logger.error("%s: out of memory while decoding", item)
+            return _Loaded(path, fingerprint, None, "out of memory while decoding", ref)
         except Exception as exc:  # a bad file must never cost another file its result
-            logger.exception("%s: unexpected error while loading", path)
-            return _Loaded(path, fingerprint, None, f"unexpected {type(exc).__name__}: {exc}")
+            logger.exception("%s: unexpected error while loading", item)
+            return _Loaded(path, fingerprint, None, f"unexpected {type(exc).__name__}: {exc}", ref)
 
     # ------------------------------------------------------------------ postprocess
 
     def _record(self, scored: ScoredFile, tta: bool, temperature: float, abstain: bool) -> PredictionRecord:
         fingerprint = scored.fingerprint
         if scored.view_logits is None:
-            return PredictionRecord.failure(scored.path, scored.error or "unknown error", fingerprint)
+            return PredictionRecord.failure(scored.path, scored.error or "unknown error", fingerprint, scored.hdu)
         probs = calibrated_probs(scored.view_logits, temperature)
         top = int(np.argmax(probs))
         top_class = self.class_names[top]
@@ -574,7 +611,7 @@ class ClassifierService:
         return PredictionRecord(
             path=scored.path, label=UNKNOWN if reason else top_class, score=round(score, 6), top_class=top_class,
             abstained=reason is not None, abstain_reason=reason, prediction_set=prediction_set,
-            sky=info.get("sky"),
+            sky=info.get("sky"), hdu=scored.hdu,
             header=None if cards is None else {key: cards[key] for key in self.header_keys if key in cards},
             probs={name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
             timestamp=utc_now(), fingerprint=fingerprint.value if fingerprint else None,
@@ -650,6 +687,15 @@ class ClassifierService:
                     pending.append(_Loaded(name, None, None, str(exc)))
             records += [self._record(scored, tta, temperature, abstain) for scored in self._score(pending, tta)]
         return records
+
+
+def _hdu_of(ref: HduRef | None, info: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The HDU a record is about: the one asked for (``--hdu all``), else the one the FITS reader chose."""
+    if ref is not None:
+        return {"index": ref.index, "extname": ref.extname}
+    if info and info.get("format") == "fits":
+        return {"index": info["hdu"], "extname": info.get("extname")}
+    return None
 
 
 def calibrated_probs(view_logits: np.ndarray, temperature: float) -> np.ndarray:
@@ -743,10 +789,12 @@ class RunOptions:
     shard: tuple[int, int] | None = None
     progress: bool = True
     extensions: tuple[str, ...] = data_loader.ARCHIVE_SUFFIXES
+    hdu_all: bool = False  # one record per image HDU of each FITS file
 
-    def scan(self) -> Iterator[Path]:
-        """The files this run covers, in scan order."""
-        return scan_paths(self.input_dir, self.shard, self.extensions)
+    def scan(self) -> Iterator[Path | HduRef]:
+        """The files (or, with ``hdu_all``, the FITS files' image HDUs) this run covers, in scan order."""
+        paths = scan_paths(self.input_dir, self.shard, self.extensions)
+        return expand_hdus(paths) if self.hdu_all else paths
 
 
 def _operating_point(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
@@ -762,11 +810,11 @@ def _run_key(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
             "scaler_sha256": service.scaler_sha256, "thresholds_sha256": service.thresholds_sha256,
             "operating_point": _operating_point(service, options),
             "shard": list(options.shard) if options.shard else None, "extensions": list(options.extensions),
-            "header_keys": list(service.header_keys)}
+            "header_keys": list(service.header_keys), "hdu_all": options.hdu_all}
 
 
-def _previous_records(path: Path | None, run_key: dict[str, Any], need_probs: bool) -> dict[str, dict[str, Any]]:
-    """Records of an earlier report that may be carried over: same model, scaler and operating point.
+def _previous_records(path: Path | None, run_key: dict[str, Any], options: RunOptions) -> dict[str, dict[str, Any]]:
+    """Records of an earlier report that may be carried over (same model, scaler and operating point), by key.
 
     Failed files are always redone; so are files without probabilities when this run reports them.
     """
@@ -780,8 +828,8 @@ def _previous_records(path: Path | None, run_key: dict[str, Any], need_probs: bo
     if not same:
         logger.warning("%s: made with another model or operating point; nothing is reused", path)
         return {}
-    return {record["path"]: record for record in records
-            if record["error"] is None and (record.get("probs") is not None or not need_probs)}
+    return {_record_key(record, options.input_dir, options.hdu_all): record for record in records
+            if record["error"] is None and (record.get("probs") is not None or not options.include_probs)}
 
 
 def _progress_bar(enabled: bool, scan: Callable[[], Iterator[Path]]):
@@ -809,7 +857,7 @@ def run_filesystem(service: ClassifierService, options: RunOptions) -> tuple[Cou
         raise CheckpointError(f"{journal_path}: an interrupted run left this checkpoint; rerun with --resume "
                               f"to continue it, or delete it to start over")
     done = journal.done_fingerprints() if options.resume else {}
-    previous = _previous_records(options.previous_report, run_key, options.include_probs)
+    previous = _previous_records(options.previous_report, run_key, options)
     started_at = journal.first_started_at() or utc_now()
     journal.open_session(utc_now())
     bar = _progress_bar(options.progress, options.scan)
@@ -838,27 +886,27 @@ def _classify_into(service: ClassifierService, options: RunOptions, journal: Che
     root = options.input_dir
     carried: list[tuple[str, dict[str, Any]]] = []
 
-    def to_classify() -> Iterator[Path]:
-        for path in options.scan():
-            relative = os.path.relpath(path, root).replace(os.sep, "/")
-            fingerprint = FileFingerprint.of(path)
+    def to_classify() -> Iterator[Path | HduRef]:
+        for item in options.scan():
+            relative = _item_key(item, root)
+            fingerprint = FileFingerprint.of(item.path if isinstance(item, HduRef) else item)
             current = fingerprint.value if fingerprint else None
             if relative in done and done[relative] == current:
                 _tick(bar)
                 continue
-            old = previous.get(str(path))
+            old = previous.get(relative)
             if old is not None and old["fingerprint"] == current:
                 carried.append((relative, {**old, "reused": True}))
                 _tick(bar)
                 continue
-            yield path
+            yield item
 
     batch: list[tuple[str, dict[str, Any]]] = []
     records = service.iter_predict_paths(to_classify(), options.batch_size, options.tta, options.temperature,
                                          options.abstain)
     for record in records:
-        relative = os.path.relpath(record.path, root).replace(os.sep, "/")
-        batch.append((relative, record.to_json()))
+        as_json = record.to_json()
+        batch.append((_record_key(as_json, root, options.hdu_all), as_json))
         _tick(bar)
         if len(batch) >= options.batch_size:
             journal.append(_in_scan_order(carried, batch, final=False))
@@ -868,6 +916,19 @@ def _classify_into(service: ClassifierService, options: RunOptions, journal: Che
                 return False
     journal.append(_in_scan_order(carried, batch, final=True))
     return not stop.requested
+
+
+def _item_key(item: Path | HduRef, root: Path) -> str:
+    """The checkpoint key of a scanned item: its path relative to the root, plus the HDU for ``--hdu all``."""
+    if isinstance(item, HduRef):
+        return os.path.relpath(item.path, root).replace(os.sep, "/") + HDU_KEY.format(item.index)
+    return os.path.relpath(item, root).replace(os.sep, "/")
+
+
+def _record_key(record: dict[str, Any], root: Path, hdu_all: bool) -> str:
+    """The key of a record: the same as its item's (the HDU counts only when every HDU is a record)."""
+    relative = os.path.relpath(record["path"], root).replace(os.sep, "/")
+    return relative + HDU_KEY.format(record["hdu"]["index"]) if hdu_all and record.get("hdu") else relative
 
 
 def _in_scan_order(carried: list, batch: list, final: bool) -> list:
@@ -964,7 +1025,9 @@ def add_artifact_args(parser: argparse.ArgumentParser, thresholds: bool = True) 
                             help="warn instead of refusing when model/scaler differ from what the thresholds pin")
     parser.add_argument("--workers", type=positive_int, default=None, help="decode threads (default: CPUs)")
     parser.add_argument("--threads", type=positive_int, default=None, help="TensorFlow intra-op threads")
-    parser.add_argument("--hdu", default=None, help="FITS HDU index or EXTNAME to read (default: first image)")
+    parser.add_argument("--hdu", default=None,
+                        help="FITS HDU index or EXTNAME to read (default: the first image); filesystem also takes "
+                             "'all': one record per image HDU (every CCD of a mosaic)")
     parser.add_argument("--header-keys", "--header_keys", type=_header_keys_arg, default=DEFAULT_HEADER_KEYS,
                         help="comma-separated FITS cards copied into each record (default: "
                              f"{','.join(DEFAULT_HEADER_KEYS)})")
@@ -1062,6 +1125,7 @@ def configure_logging(quiet: bool, verbose: bool) -> None:
 def service_from_args(args: argparse.Namespace, **overrides: Any) -> ClassifierService:
     """The service a subcommand's artifact flags describe (``overrides`` go to the constructor)."""
     hdu = int(args.hdu) if args.hdu is not None and args.hdu.lstrip("-").isdigit() else args.hdu
+    hdu = None if hdu == "all" else hdu  # every image HDU: the scan expands the files (RunOptions.hdu_all)
     options: dict[str, Any] = {"model_path": args.model_path, "scaler_path": args.scaler_path, "workers": args.workers,
                                "intra_op_threads": args.threads, "hdu": hdu, "header_keys": args.header_keys}
     if "operating_point" not in overrides:
@@ -1104,7 +1168,7 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
                          include_probs=args.include_probs, output_format=output_format,
                          resume=args.resume,
                          previous_report=args.previous_report, shard=args.shard, progress=not args.quiet,
-                         extensions=args.extensions)
+                         extensions=args.extensions, hdu_all=args.hdu == "all")
     started = time.perf_counter()
     try:
         counts, completed = run_filesystem(service, options)

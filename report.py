@@ -80,13 +80,15 @@ class PredictionRecord:
     prediction_set: list[str] | None = None  # conformal set, most probable first (None: no sets calibrated)
     sky: dict[str, float] | None = None  # {"ra", "dec"}: ICRS degrees of the image centre (FITS with a WCS)
     header: dict[str, Any] | None = None  # chosen FITS header cards (None for TIFF/JPEG/PNG)
+    hdu: dict[str, Any] | None = None  # {"index", "extname"} of the FITS HDU read (None for TIFF/JPEG/PNG)
 
     @classmethod
-    def failure(cls, path: str, error: str, fingerprint: FileFingerprint | None) -> PredictionRecord:
+    def failure(cls, path: str, error: str, fingerprint: FileFingerprint | None,
+                hdu: dict[str, Any] | None = None) -> PredictionRecord:
         return cls(path=path, label=None, score=None, top_class=None, abstained=None, probs=None,
                    timestamp=utc_now(), fingerprint=fingerprint.value if fingerprint else None,
                    size=fingerprint.size if fingerprint else None,
-                   mtime=fingerprint.mtime_ns / 1e9 if fingerprint else None, error=error)
+                   mtime=fingerprint.mtime_ns / 1e9 if fingerprint else None, error=error, hdu=hdu)
 
     def to_json(self, include_probs: bool = True) -> dict[str, Any]:
         """The record as the report schema spells it (``class`` for the label)."""
@@ -100,6 +102,7 @@ class PredictionRecord:
             "prediction_set": self.prediction_set,
             "sky": self.sky,
             "header": self.header,
+            "hdu": self.hdu,
             **({"probs": self.probs} if include_probs else {}),
             "timestamp": self.timestamp,
             "fingerprint": self.fingerprint,
@@ -207,8 +210,12 @@ def checkpoint_path(output: Path) -> Path:
     return output.with_name(output.name + ".partial.jsonl")
 
 
+HDU_KEY = "/#{:05d}"  # appended to a file's key for one of its HDUs: "/" cannot occur in a file name
+
+
 def sort_key(relative: str) -> tuple[str, ...]:
-    """Scan order: a directory's entries by name, depth first (path components compared in turn)."""
+    """Scan order: a directory's entries by name, depth first (path components compared in turn); a file's HDUs
+    (``HDU_KEY``) follow the file in index order."""
     return tuple(relative.split("/"))
 
 
@@ -370,6 +377,7 @@ def results_table(meta: dict[str, Any], records: Iterable[dict[str, Any]], inclu
     columns.update({f"prob_{name}": [] for name in names} if include_probs else {})
     for row in rows:
         flat = {**row, "ra": (row.get("sky") or {}).get("ra"), "dec": (row.get("sky") or {}).get("dec"),
+                "hdu": (row.get("hdu") or {}).get("index"), "extname": (row.get("hdu") or {}).get("extname"),
                 "prediction_set": "|".join(row["prediction_set"]) if row.get("prediction_set") else None,
                 "header": json.dumps(row["header"]) if row.get("header") is not None else None}
         for name in names if include_probs else ():
@@ -419,7 +427,8 @@ def read_table_meta(path: Path) -> dict[str, Any] | None:
 
 
 REPORT_META_KEY = "report_meta"
-_TABLE_COLUMNS = ("path", "class", "score", "top_class", "abstained", "abstain_reason", "prediction_set", "ra", "dec",
+_TABLE_COLUMNS = ("path", "hdu", "extname", "class", "score", "top_class", "abstained", "abstain_reason",
+                  "prediction_set", "ra", "dec",
                   "header", "timestamp", "fingerprint", "size", "mtime", "error", "reused")
 _FILL = {float: np.nan, int: -1, bool: False, str: ""}
 

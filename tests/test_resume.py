@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import jsonschema
+import numpy as np
 import pytest
 
 import cli
@@ -195,3 +196,50 @@ def test_previous_report_reuses_unchanged_files(tiny_artifacts: dict[str, Path],
     assert cli.main([*base, "--output_json", str(other_temperature), "--previous_report", str(first),
                     "--temperature", "1.0"]) == 0
     assert json.loads(other_temperature.read_text())["meta"]["counts"]["reused"] == 0
+
+
+@pytest.fixture()
+def mosaic_dir(tmp_path: Path) -> Path:
+    """A 4-CCD tile-compressed mosaic, a plain FITS file and a TIFF."""
+    from astropy.io import fits
+
+    root = tmp_path / "mosaics"
+    root.mkdir()
+    ccds = [fits.CompImageHDU(render_frame(name, index, 96).astype(np.float32), name=f"CCD{index + 1}")
+            for index, name in enumerate(("star_field", "galaxy", "artifact", "nebula"))]
+    fits.HDUList([fits.PrimaryHDU(), *ccds]).writeto(root / "decam.fits.fz")
+    write_frame(render_frame("galaxy", 9, 96), root / "single", "fits_float32")
+    write_frame(render_frame("nebula", 9, 96), root / "single_tiff", "tiff_uint16")
+    return root
+
+
+def test_hdu_all_gives_one_record_per_ccd_and_resumes_per_ccd(tiny_artifacts: dict[str, Path], mosaic_dir: Path,
+                                                              tmp_path: Path) -> None:
+    output = tmp_path / "report.json"
+    base = ["filesystem", "--input_dir", str(mosaic_dir), "--hdu", "all", "--batch_size", "2", "--quiet",
+            *artifact_args(tiny_artifacts)]
+    assert cli.main([*base, "--output_json", str(output)]) == 0
+    document = json.loads(output.read_text())
+    jsonschema.validate(document, load_schema())
+    keys = [(Path(r["path"]).name, (r["hdu"] or {}).get("index"), (r["hdu"] or {}).get("extname"))
+            for r in document["results"]]
+    assert keys == [("decam.fits.fz", 1, "CCD1"), ("decam.fits.fz", 2, "CCD2"), ("decam.fits.fz", 3, "CCD3"),
+                    ("decam.fits.fz", 4, "CCD4"), ("single.fits", 0, None), ("single_tiff.tif", None, None)]
+    assert all(r["error"] is None for r in document["results"])
+
+    # an interrupted run that finished two CCDs: resume redoes exactly the rest
+    service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
+    options = ir.RunOptions(input_dir=mosaic_dir, output=tmp_path / "resumed.json", hdu_all=True)
+    header = {"kind": "header", "run_key": ir._run_key(service, options), "started_at": "2026-01-01T00:00:00.000Z"}
+    done = [{"kind": "record", "relative_path": f"decam.fits.fz/#{index:05d}", **document["results"][index - 1]}
+            for index in (1, 2)]
+    ir.checkpoint_path(options.output).write_text("\n".join(json.dumps(line) for line in [header, *done]) + "\n")
+    assert cli.main([*base, "--output_json", str(options.output), "--resume"]) == 0
+    resumed = json.loads(options.output.read_text())
+    assert [(Path(r["path"]).name, (r["hdu"] or {}).get("index")) for r in resumed["results"]] == \
+        [(name, index) for name, index, _ in keys]
+    assert resumed["meta"]["counts"]["total"] == 6
+
+    again = tmp_path / "again.json"
+    assert cli.main([*base, "--output_json", str(again), "--previous_report", str(output)]) == 0
+    assert json.loads(again.read_text())["meta"]["counts"]["reused"] == 6, "reuse keys on (file, HDU)"
