@@ -391,7 +391,7 @@ def _scaling_and_facts(header: Any) -> tuple[tuple[float, float, int | None], di
 
 
 _COMMENTARY_KEYWORDS = frozenset({"COMMENT", "HISTORY", ""})
-_EQUATORIAL_ICRS_LIKE = ("ICRS", "FK5", "")  # FK5 J2000 is within 0.1 arcsec of ICRS
+_EQUATORIAL_ICRS_LIKE = ("ICRS", "FK5", "")  # FK5 at J2000 is within 0.1 arcsec of ICRS
 _WCS_KEYWORD = re.compile(r"^(WCSAXES|NAXIS\d*|CTYPE\d|CRVAL\d|CRPIX\d|CDELT\d|CUNIT\d|CROTA\d|CD\d_\d|PC\d_\d|"
                           r"PV\d_\d+|PS\d_\d+|LONPOLE|LATPOLE|RADESYS|RADECSYS|EQUINOX|EPOCH|MJD-OBS|DATE-OBS|"
                           r"MJDREF|DATEREF|A_\w+|B_\w+|AP_\w+|BP_\w+)$")
@@ -415,8 +415,9 @@ def sky_centre(header: Any) -> dict[str, float] | None:
             return None  # not a celestial WCS (a spectrum's wavelength axis, a linear pixel grid)
         x = (int(header.get("ZNAXIS1", header.get("NAXIS1", 1))) - 1) / 2
         y = (int(header.get("ZNAXIS2", header.get("NAXIS2", 1))) - 1) / 2
-        if wcs.world_axis_physical_types[lng] == "pos.eq.ra" and \
-                wcs.wcs.radesys.strip().upper() in _EQUATORIAL_ICRS_LIKE:
+        frame, equinox = wcs.wcs.radesys.strip().upper(), wcs.wcs.equinox
+        if wcs.world_axis_physical_types[lng] == "pos.eq.ra" and frame in _EQUATORIAL_ICRS_LIKE and \
+                (frame != "FK5" or not np.isfinite(equinox) or equinox == 2000.0):
             world = wcs.pixel_to_world_values(x, y)
             ra, dec = float(world[lng]), float(world[lat])
         else:

@@ -578,3 +578,16 @@ def test_galactic_wcs_is_converted_to_icrs_and_bad_wcs_is_no_error(tmp_path: Pat
     assert dl.load_sample(tmp_path / "plain.fits").info["sky"] is None
     tifffile.imwrite(tmp_path / "plain.tif", ramp((64, 64)))
     assert "sky" not in dl.load_sample(tmp_path / "plain.tif").info
+
+
+def test_fk5_at_another_equinox_is_precessed_to_icrs(tmp_path: Path) -> None:
+    from astropy.coordinates import SkyCoord
+
+    wcs, header = _wcs_header(crval=(150.1, 2.2))
+    header["RADESYS"], header["EQUINOX"] = "FK5", 1975.0
+    wcs.wcs.radesys, wcs.wcs.equinox = "FK5", 1975.0
+    fits.PrimaryHDU(ramp((300, 400)), header=header).writeto(tmp_path / "fk5_1975.fits")
+    sky = dl.load_sample(tmp_path / "fk5_1975.fits").info["sky"]
+    expected = wcs.pixel_to_world((400 - 1) / 2, (300 - 1) / 2).icrs
+    assert SkyCoord(sky["ra"], sky["dec"], unit="deg").separation(expected).arcsec < 1.0
+    assert abs(sky["ra"] - 150.1) > 0.1, "25 years of precession moved it: the raw CRVAL is not the answer"
