@@ -607,12 +607,12 @@ class ClassifierService:
         else:
             prediction_set = None
         info = scored.info or {}
-        cards = info.get("header")
+        fits_header = info.get("header")
         return PredictionRecord(
             path=scored.path, label=UNKNOWN if reason else top_class, score=round(score, 6), top_class=top_class,
             abstained=reason is not None, abstain_reason=reason, prediction_set=prediction_set,
             sky=info.get("sky"), hdu=scored.hdu,
-            header=None if cards is None else {key: cards[key] for key in self.header_keys if key in cards},
+            header=None if fits_header is None else data_loader.header_values(fits_header, self.header_keys),
             probs={name: round(float(p), 6) for name, p in zip(self.class_names, probs)},
             timestamp=utc_now(), fingerprint=fingerprint.value if fingerprint else None,
             size=fingerprint.size if fingerprint else None,
