@@ -377,7 +377,18 @@ def _class_names_for(args: argparse.Namespace) -> list[str]:
     return list(ir.OperatingPoint.load(args.reference).class_names)
 
 
+def _refuses_hdu_all(args: argparse.Namespace) -> bool:
+    """Labelled files are one image each: `--hdu all` (one record per HDU) is a filesystem option only."""
+    if args.hdu == "all":
+        print(f"error: --hdu all is for filesystem; {args.command} reads one HDU per file (give an index or "
+              f"EXTNAME)", file=sys.stderr)
+        return True
+    return False
+
+
 def cmd_calibrate(args: argparse.Namespace) -> int:
+    if _refuses_hdu_all(args):
+        return ir.EXIT_USAGE
     try:
         names = _class_names_for(args)
         service = ir.service_from_args(args, operating_point=ir.OperatingPoint.uncalibrated(names))
@@ -443,6 +454,8 @@ def ood_abstention(op: ir.OperatingPoint, class_names: Sequence[str], data: Labe
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    if _refuses_hdu_all(args):
+        return ir.EXIT_USAGE
     try:
         service = ir.service_from_args(args)
         files = labelled_files(args.labelled_dir, service.class_names)

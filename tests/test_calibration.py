@@ -115,6 +115,16 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     assert "top-1" in capsys.readouterr().out
 
 
+def test_calibrate_and_evaluate_refuse_hdu_all(tiny_artifacts: dict[str, Path], tmp_path: Path,
+                                                capsys: pytest.CaptureFixture) -> None:
+    artifacts = ["--model_path", str(tiny_artifacts["model"]), "--scaler_path", str(tiny_artifacts["scaler"])]
+    assert cli.main(["calibrate", "--labelled_dir", str(tmp_path), "--class_names", "a,b", "--hdu", "all",
+                     "--output", str(tmp_path / "t.json"), *artifacts]) == ir.EXIT_USAGE
+    assert cli.main(["evaluate", "--labelled_dir", str(tmp_path), "--output_dir", str(tmp_path / "e"), "--hdu", "all",
+                     *artifacts]) == ir.EXIT_USAGE
+    assert capsys.readouterr().err.count("--hdu all is for filesystem") == 2
+
+
 def test_calibrate_refuses_a_directory_without_class_folders(tiny_artifacts: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     code = cli.main(["calibrate", "--labelled_dir", str(tmp_path / "empty"), "--class_names", "a,b,c,d,e",
