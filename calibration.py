@@ -279,8 +279,7 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
 
 def aps_scores(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """Per row: the smallest quantile whose set holds the true class (its ranked mass; 0 for the top class)."""
-    true = probs[np.arange(len(labels)), labels]
-    mass = np.where(probs >= true[:, None], probs, 0.0).sum(axis=1)
+    mass = ir.ranked_mass(probs)[np.arange(len(labels)), labels]
     return np.where(probs.argmax(axis=1) == labels, 0.0, mass)
 
 

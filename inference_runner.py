@@ -180,12 +180,8 @@ def expand_hdus(paths: Iterable[str | os.PathLike[str]]) -> Iterator[str | os.Pa
     """Each FITS path as one HduRef per image HDU (headers only are read); other paths, and FITS files whose
     headers cannot be read (their record will carry the error), as they are."""
     for path in paths:
-        if not data_loader.is_supported(path, data_loader.ARCHIVE_SUFFIXES) or \
-                str(path).lower().endswith(data_loader.TIFF_SUFFIXES):
-            yield path
-            continue
         try:
-            found = data_loader.image_hdus(path)
+            found = data_loader.image_hdus(path)  # refuses anything but FITS by its name, before any I/O
         except data_loader.ImageLoadError as exc:
             logger.debug("%s", exc)
             found = []
@@ -707,11 +703,16 @@ def calibrated_probs(view_logits: np.ndarray, temperature: float) -> np.ndarray:
     return probs.mean(axis=-2)
 
 
+def ranked_mass(probs: np.ndarray) -> np.ndarray:
+    """(N, K): each class's probability plus that of every class ranked above it (the APS score of a class)."""
+    return np.where(probs[:, None, :] >= probs[:, :, None], probs[:, None, :], 0.0).sum(axis=2)
+
+
 def prediction_set_masks(probs: np.ndarray, quantile: np.ndarray | float) -> np.ndarray:
-    """(N, K) conformal set membership (APS): the top class, and every class whose ranked probability mass
-    (its own plus that of the classes above it) is within the quantile (one per class for class-conditional
-    sets). See calibration.aps_scores for the matching calibration score."""
-    mass = np.where(probs[:, None, :] >= probs[:, :, None], probs[:, None, :], 0.0).sum(axis=2)
+    """(N, K) conformal set membership (APS): the top class, and every class whose :func:`ranked_mass` is
+    within the quantile (one per class for class-conditional sets). See calibration.aps_scores for the
+    matching calibration score."""
+    mass = ranked_mass(probs)
     # the tolerance keeps a class whose mass equals the quantile in, whatever the summation order
     members = mass <= np.broadcast_to(np.asarray(quantile, dtype=np.float64), probs.shape[1:]) + 1e-9
     members[np.arange(len(probs)), probs.argmax(axis=1)] = True
@@ -918,17 +919,21 @@ def _classify_into(service: ClassifierService, options: RunOptions, journal: Che
     return not stop.requested
 
 
+def _relative_key(path: str | os.PathLike[str], root: Path, hdu_index: int | None = None) -> str:
+    """A checkpoint key: the path relative to the root, with "/" separators, plus the HDU for ``--hdu all``."""
+    relative = os.path.relpath(path, root).replace(os.sep, "/")
+    return relative if hdu_index is None else relative + HDU_KEY.format(hdu_index)
+
+
 def _item_key(item: Path | HduRef, root: Path) -> str:
-    """The checkpoint key of a scanned item: its path relative to the root, plus the HDU for ``--hdu all``."""
-    if isinstance(item, HduRef):
-        return os.path.relpath(item.path, root).replace(os.sep, "/") + HDU_KEY.format(item.index)
-    return os.path.relpath(item, root).replace(os.sep, "/")
+    """The checkpoint key of a scanned item."""
+    return _relative_key(item.path, root, item.index) if isinstance(item, HduRef) else _relative_key(item, root)
 
 
 def _record_key(record: dict[str, Any], root: Path, hdu_all: bool) -> str:
     """The key of a record: the same as its item's (the HDU counts only when every HDU is a record)."""
-    relative = os.path.relpath(record["path"], root).replace(os.sep, "/")
-    return relative + HDU_KEY.format(record["hdu"]["index"]) if hdu_all and record.get("hdu") else relative
+    hdu = record.get("hdu") if hdu_all else None
+    return _relative_key(record["path"], root, hdu["index"] if hdu else None)
 
 
 def _in_scan_order(carried: list, batch: list, final: bool) -> list:

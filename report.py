@@ -350,7 +350,7 @@ def write_report(output: Path, meta: dict[str, Any], records: Iterable[dict[str,
     """Stream ``meta`` and ``records`` into ``output`` atomically: a JSON object, JSON Lines, or a table
     (ECSV, FITS binary table, VOTable, CSV) that TOPCAT and astropy open as it is."""
     if output_format in TABLE_FORMATS:
-        table = results_table(meta, (_shape(r, include_probs) for r in records), include_probs)
+        table = results_table(meta, records, include_probs)
         with atomic_path(output) as temp:
             _write_table(table, meta, temp, output_format)
         return
@@ -369,13 +369,12 @@ def write_report(output: Path, meta: dict[str, Any], records: Iterable[dict[str,
 def results_table(meta: dict[str, Any], records: Iterable[dict[str, Any]], include_probs: bool) -> Any:
     """The records as an astropy Table: one row per file, nulls masked, ``prediction_set`` as ``a|b``, ``header``
     as JSON text, one ``prob_<class>`` column per class (``meta`` gives the class names)."""
-    from astropy.table import MaskedColumn, Table
+    from astropy.table import Table
 
-    rows = list(records)
     names = list(meta["class_names"])
     columns: dict[str, list[Any]] = {key: [] for key in _TABLE_COLUMNS}
     columns.update({f"prob_{name}": [] for name in names} if include_probs else {})
-    for row in rows:
+    for row in records:
         flat = {**row, "ra": (row.get("sky") or {}).get("ra"), "dec": (row.get("sky") or {}).get("dec"),
                 "hdu": (row.get("hdu") or {}).get("index"), "extname": (row.get("hdu") or {}).get("extname"),
                 "prediction_set": "|".join(row["prediction_set"]) if row.get("prediction_set") else None,
@@ -386,7 +385,7 @@ def results_table(meta: dict[str, Any], records: Iterable[dict[str, Any]], inclu
             values.append(flat.get(key))
     table = Table()
     for key, values in columns.items():
-        table[key] = _masked_column(MaskedColumn, key, values)
+        table[key] = _masked_column(key, values)
     return table
 
 
@@ -433,13 +432,16 @@ _TABLE_COLUMNS = ("path", "hdu", "extname", "class", "score", "top_class", "abst
 _FILL = {float: np.nan, int: -1, bool: False, str: ""}
 
 
-def _masked_column(column_type: Any, name: str, values: list[Any]) -> Any:
+def _masked_column(name: str, values: list[Any]) -> Any:
+    """One table column with None masked (and filled with a value of the column's type)."""
+    from astropy.table import MaskedColumn
+
     present = [v for v in values if v is not None]
     kind = float if name in ("score", "ra", "dec", "mtime") or name.startswith("prob_") else \
         type(present[0]) if present else str
     fill = _FILL.get(kind, "")
     data = [fill if v is None else v for v in values]
-    return column_type(data, name=name, mask=[v is None for v in values], dtype=kind if kind is not str else str)
+    return MaskedColumn(data, name=name, mask=[v is None for v in values], dtype=kind if kind is not str else str)
 
 
 def _shape(record: dict[str, Any], include_probs: bool) -> dict[str, Any]:
