@@ -19,7 +19,7 @@ import numpy as np
 import calibration
 import inference_runner as ir
 from report import AtomicWriter
-from training.real_data import LabelledFile
+from training.real_data import LabelledFile, labelled_pairs
 
 logger = logging.getLogger(__name__)
 BATCH_SIZE = 32
@@ -113,7 +113,7 @@ def real_breakdown(service: ir.ClassifierService, files: Sequence[LabelledFile],
     """Figures on real validation files (overall, per source, per source x class, on unseen objects only) and
     the model outputs they were computed from."""
     names = list(service.class_names)
-    data = calibration.collect_logits(service, [(f.path, names.index(f.label)) for f in files], BATCH_SIZE)
+    data = calibration.collect_logits(service, labelled_pairs(files, names), BATCH_SIZE)
     by_path = {str(f.path): f for f in files}
     sources = np.array([by_path[p].source for p in data.paths])
     unseen = np.array([by_path[p].object_key not in seen_objects for p in data.paths])

@@ -22,7 +22,7 @@ import hashlib
 import logging
 import re
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -106,6 +106,11 @@ def assign_splits(files: Sequence[LabelledFile], fractions: tuple[float, float] 
 def validation_only(files: Sequence[LabelledFile]) -> list[LabelledFile]:
     """Files of a source kept out of training entirely (licence or independence)."""
     return [LabelledFile(f.path, f.label, f.source, f.object_key, "validation") for f in files]
+
+
+def labelled_pairs(files: Iterable[LabelledFile], class_names: Sequence[str]) -> list[tuple[Path, int]]:
+    """(path, class index) pairs, what calibration.collect_logits takes."""
+    return [(f.path, list(class_names).index(f.label)) for f in files]
 
 
 def summarise(files: Sequence[LabelledFile]) -> dict[str, dict[str, dict[str, int]]]:

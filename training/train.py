@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+import calibration
 import data_loader
 from inference_runner import _embedding_tensor, import_keras
 from training import real_data
@@ -393,16 +394,6 @@ def fit_scaler(features: np.ndarray):
     return StandardScaler().fit(features)
 
 
-def labelled_pairs(files: list[LabelledFile], class_names: list[str]) -> list[tuple[Path, int]]:
-    return [(f.path, class_names.index(f.label)) for f in files]
-
-
-def directory_pairs(directory: Path, class_names: list[str]) -> list[tuple[Path, int]]:
-    import calibration
-
-    return calibration.labelled_files(directory, class_names)
-
-
 def real_splits(train_dirs: list[Path], validation_dirs: list[Path], class_names: list[str], seed: int,
                 fractions: tuple[float, float] = (0.6, 0.2)) -> list[LabelledFile]:
     """Real files split by object (see ``training.real_data``); validation-only sources go to validation whole."""
@@ -482,13 +473,14 @@ def main(argv: list[str] | None = None) -> int:
                                             max(args.max_real_per_source_class // 3, 1), args.seed)
     thresholds_path = args.out / THRESHOLDS_NAME
     calibrated = calibrate_to_file(model_path, scaler_path, names,
-                                   directory_pairs(calibration_dir, names) + labelled_pairs(real_calibration, names),
+                                   calibration.labelled_files(calibration_dir, names)
+                                   + real_data.labelled_pairs(real_calibration, names),
                                    thresholds_path, args.temperature, 0.95,
                                    {"simulated_per_class": args.calibration_per_class,
                                     "real": real_data.summarise(real_calibration).get("calibration", {})})
     fit_set = add_ood_classifier(model_path, scaler_path, thresholds_path, calibrated, ood_fit_dir, outlier_kinds)
     evaluation = evaluate_all(model_path, scaler_path, thresholds_path, names,
-                              simulated_test=directory_pairs(test_dir, names),
+                              simulated_test=calibration.labelled_files(test_dir, names),
                               real_validation=[f for f in real if f.split == "validation"],
                               ood_dir=ood_dir, output_dir=args.out / "evaluation",
                               seen_objects={f.object_key for f in real if f.split == "train"},

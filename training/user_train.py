@@ -155,7 +155,8 @@ def _calibrate_and_evaluate(args: argparse.Namespace, usable: list[LabelledFile]
                             ood_fit_dir: Path) -> dict[str, Any]:
     out = args.output_dir
     model_path, scaler_path, thresholds_path = out / MODEL_FILE, out / SCALER_FILE, out / THRESHOLDS_FILE
-    calibrated = calibrate_to_file(model_path, scaler_path, names, _pairs(usable, "calibration", names),
+    calibration_files = real_data.labelled_pairs([f for f in usable if f.split == "calibration"], names)
+    calibrated = calibrate_to_file(model_path, scaler_path, names, calibration_files,
                                    thresholds_path, None, args.target_precision,
                                    {"labelled_dir": str(args.labelled_dir.absolute()), "split_seed": args.seed})
     fit_set = add_ood_classifier(model_path, scaler_path, thresholds_path, calibrated, ood_fit_dir,
@@ -168,10 +169,6 @@ def _calibrate_and_evaluate(args: argparse.Namespace, usable: list[LabelledFile]
 
 def _unreadable(files: list[LabelledFile]) -> list[tuple[str, str]]:
     return train.real_dataset(files, sorted({f.label for f in files}))[1] if files else []
-
-
-def _pairs(files: list[LabelledFile], split: str, names: list[str]) -> list[tuple[Path, int]]:
-    return [(f.path, names.index(f.label)) for f in files if f.split == split]
 
 
 def _percent(value: float | None) -> str:
