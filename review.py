@@ -17,7 +17,6 @@ import json
 import logging
 import os
 import sys
-from collections import Counter
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -182,9 +181,8 @@ def write_review(report_path: Path, output: Path, per_gallery: int = DEFAULT_PER
     page = render_page(meta, records, report_path, per_gallery, workers)
     with AtomicWriter(output) as handle:
         handle.write(page)
-    states = Counter("failed" if r.get("error") else "abstained" if r.get("abstained") else "classified"
-                     for r in records)
-    return dict(states)
+    galleries, queue, failed = _groups(records)
+    return {"classified": sum(map(len, galleries.values())), "abstained": len(queue), "failed": len(failed)}
 
 
 _PAGE = """<!DOCTYPE html>
