@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+import backends
 import data_loader
 import inference_runner as ir
 from report import UNKNOWN, AtomicWriter, utc_now
@@ -260,6 +261,7 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         "model_sha256": service.model_sha256,
         "scaler_file": service.scaler_path.name,
         "scaler_sha256": service.scaler_sha256,
+        **backends.litert_pin(service.model_path),  # {} when the model has no LiteRT export next to it
         "calibration_data": {"n_files": len(data.labels), "n_failed": len(data.failed),
                              "per_class": {n: int((data.labels == i).sum()) for i, n in enumerate(names)}},
         "created_at": utc_now(),
@@ -389,6 +391,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     if _refuses_hdu_all(args):
         return ir.EXIT_USAGE
     try:
+        backends.require_full_install("calibrate")
         names = _class_names_for(args)
         service = ir.service_from_args(args, operating_point=ir.OperatingPoint.uncalibrated(names))
         files = labelled_files(args.labelled_dir, names)
@@ -456,6 +459,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if _refuses_hdu_all(args):
         return ir.EXIT_USAGE
     try:
+        backends.require_full_install("evaluate")
         service = ir.service_from_args(args)
         files = labelled_files(args.labelled_dir, service.class_names)
     except (ir.ArtifactError, FileNotFoundError) as exc:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -30,11 +29,26 @@ from typing import Any
 import numpy as np
 
 import data_loader
+from backends import (
+    BACKENDS,
+    ArtifactError,
+    KerasBackend,
+    LiteRTBackend,
+    ModelBackend,
+    export_litert,
+    gpu_visible,
+    installed,
+    litert_path_for,
+    litert_pin,
+    require_full_install,
+    sha256_of,
+)
 from report import (
     HDU_KEY,
     OUTPUT_FORMATS,
     SCHEMA_VERSION,
     UNKNOWN,
+    AtomicWriter,
     Checkpoint,
     CheckpointError,
     Counts,
@@ -72,18 +86,6 @@ __all__ = [
     "main",
     "scan_paths",
 ]
-
-
-class ArtifactError(Exception):
-    """The model, scaler or thresholds file is missing, unreadable or does not match the others."""
-
-
-def sha256_of(path: str | os.PathLike[str]) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- operating point
@@ -228,6 +230,7 @@ class OperatingPoint:
     source: str | None = None
     document: dict[str, Any] | None = None
     ood_classifier: OodClassifier | None = None
+    litert_sha256: str | None = None  # the LiteRT export of the model, checked against Keras when pinned
 
     def set_quantile(self, tta: bool) -> np.ndarray | float | None:
         """The conformal quantile(s) of the prediction sets (None when the file has no sets)."""
@@ -268,7 +271,8 @@ class OperatingPoint:
             gate = OodGate.from_json(document["ood_gate"]) if document.get("ood_gate") else None
             learned = OodClassifier.from_json(document["ood_classifier"]) if document.get("ood_classifier") else None
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
-                       document.get("scaler_sha256"), gate, str(path), document, learned)
+                       document.get("scaler_sha256"), gate, str(path), document, learned,
+                       document.get("litert_sha256"))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
 
@@ -339,51 +343,6 @@ def shard_of(relative_path: str, shards: int) -> int:
 # --------------------------------------------------------------------------- the service
 
 
-@contextlib.contextmanager
-def _stderr_silenced(silence: bool) -> Iterator[None]:
-    """Send file descriptor 2 to /dev/null for the block: TensorFlow's C++ start-up lines (oneDNN, CUDA probe)
-    are written there before any Python logging setting can reach them."""
-    if not silence:
-        yield
-        return
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
-
-
-def import_keras() -> Any:
-    """Import Keras (and TensorFlow under it) quietly: its C++ start-up chatter is shown only when this module
-    logs at DEBUG (``--verbose``). Later C++ messages below FATAL are muted through TF_CPP_MIN_LOG_LEVEL unless
-    the caller set it."""
-    if "keras" not in sys.modules:
-        quiet = not logger.isEnabledFor(logging.DEBUG)
-        if quiet:
-            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-        with _stderr_silenced(quiet):
-            import keras  # noqa: F401
-    return sys.modules["keras"]
-
-
-def _configure_tensorflow_threads(intra_op: int | None, inter_op: int | None) -> None:
-    """Thread pools must be set before TensorFlow runs its first op; later calls are ignored."""
-    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
-        return
-    import_keras()
-    import tensorflow as tf
-
-    try:
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op or os.cpu_count() or 1)
-        tf.config.threading.set_inter_op_parallelism_threads(inter_op or 1)
-    except RuntimeError:
-        logger.debug("TensorFlow already initialised; thread settings unchanged")
-
-
 class ClassifierService:
     """Load the model, scaler and operating point once; classify files or arrays many times.
 
@@ -397,9 +356,14 @@ class ClassifierService:
         Downgrade a model/scaler SHA-256 mismatch with the thresholds file to a warning.
     workers : int, optional
         Decode threads (default: the number of CPUs).
-    intra_op_threads, inter_op_threads : int, optional
-        TensorFlow thread pools (default: CPUs and 1); honoured when this is
-        the first TensorFlow use in the process.
+    intra_op_threads : int, optional
+        The model runtime's compute threads: LiteRT's interpreter threads, or TensorFlow's intra-op pool
+        (default: the number of CPUs; TensorFlow honours it only when this is its first use in the process).
+    inter_op_threads : int, optional
+        TensorFlow's inter-op pool (default 1).
+    backend : "auto", "keras" or "litert"
+        ``litert`` runs ``<model>.tflite`` (pinned by the thresholds file) without TensorFlow; ``keras`` runs
+        the ``.keras`` model; ``auto`` takes LiteRT when its pinned export is present and no GPU is visible.
     hdu, max_pixels :
         Passed to ``data_loader.load_sample`` for every file.
     header_keys : sequence of str
@@ -430,6 +394,7 @@ class ClassifierService:
         hdu: int | str | None = None,
         max_pixels: int = data_loader.DEFAULT_MAX_PIXELS,
         header_keys: Sequence[str] = DEFAULT_HEADER_KEYS,
+        backend: str = "auto",
     ) -> None:
         self.model_path = Path(model_path or DEFAULT_MODEL_PATH)
         self.scaler_path = Path(scaler_path or DEFAULT_SCALER_PATH)
@@ -453,46 +418,54 @@ class ClassifierService:
             self.scaler = data_loader.load_scaler(self.scaler_path)
         except (ValueError, OSError) as exc:
             raise ArtifactError(str(exc)) from exc
-        self._load_model(intra_op_threads, inter_op_threads)
-        self._lock = threading.Lock()  # one forward pass at a time per service (Keras models are not re-entrant)
+        self.backend = self._load_backend(backend, intra_op_threads, inter_op_threads, allow_mismatch)
+        self.backend_sha256 = self.model_sha256 if self.backend.name == "keras" else sha256_of(self.backend.artifact)
+        if self.backend.n_outputs != len(self.operating_point.class_names):
+            raise ArtifactError(f"{self.backend.artifact}: model has {self.backend.n_outputs} outputs but the "
+                                f"operating point names {len(self.operating_point.class_names)} classes")
+        logger.info("loaded %s on %s, %s threads (%s outputs, %d image channels)", self.backend.artifact.name,
+                    self.backend.name, self.backend.threads,
+                    "probability" if self.backend.outputs_probabilities else "logit", self.backend.channels)
+        self._lock = threading.Lock()  # one forward pass at a time per service (neither runtime is re-entrant)
 
-    def _load_model(self, intra_op: int | None, inter_op: int | None) -> None:
-        _configure_tensorflow_threads(intra_op, inter_op)
-        keras = import_keras()
+    def _load_backend(self, requested: str, threads: int | None, inter_op_threads: int | None,
+                      allow_mismatch: bool) -> ModelBackend:
+        if requested not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {requested!r}")
+        export = litert_path_for(self.model_path)
+        name = self._auto_backend(export) if requested == "auto" else requested
+        if name == "keras":
+            return KerasBackend(self.model_path, threads, inter_op_threads)
+        if not export.is_file():
+            raise ArtifactError(f"{export}: LiteRT model not found; make it with `inference-runner export "
+                                f"--model_path {self.model_path} --thresholds THRESHOLDS` (full install)")
+        pinned = self.operating_point.litert_sha256
+        if pinned is None and self.operating_point.document is not None:
+            message = (f"{self.thresholds_path}: pins no LiteRT model, so {export.name} is not known to compute "
+                       f"what {self.model_path.name} does; run `inference-runner export --model_path "
+                       f"{self.model_path} --thresholds {self.thresholds_path}`, or pass --allow-mismatch")
+            if not allow_mismatch:
+                raise ArtifactError(message)
+            logger.warning("%s (continuing: mismatch allowed)", message)
+        _check_pinned("LiteRT model", export, pinned, sha256_of(export), allow_mismatch)
+        return LiteRTBackend(export, threads)
 
-        try:
-            self.model = keras.saving.load_model(self.model_path, compile=False)
-        except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors...
-            raise ArtifactError(f"{self.model_path}: cannot load Keras model: {exc}") from exc
-        self._image_input, self._feature_input, self.channels = self._describe_inputs()
-        outputs = int(self.model.outputs[0].shape[-1])
-        if outputs != len(self.operating_point.class_names):
-            raise ArtifactError(f"{self.model_path}: model has {outputs} outputs but the operating point names "
-                                f"{len(self.operating_point.class_names)} classes")
-        self.outputs_probabilities = _ends_in_softmax(self.model)
-        self._forward_model = keras.Model(self.model.inputs, [self.model.outputs[0], _embedding_tensor(self.model)])
-        logger.info("loaded %s (%s outputs, %d image channels)", self.model_path.name,
-                    "probability" if self.outputs_probabilities else "logit", self.channels)
+    def _auto_backend(self, export: Path) -> str:
+        """LiteRT where it is installed, its export is pinned and present, and no GPU would serve Keras better."""
+        if not installed("keras"):
+            return "litert"
+        pinned = self.operating_point.litert_sha256
+        if not installed("ai_edge_litert") or gpu_visible() or pinned is None or not export.is_file():
+            return "keras"
+        if sha256_of(export) != pinned:
+            logger.warning("%s: not the LiteRT export %s pins (re-export it); running the Keras model",
+                           export, self.thresholds_path)
+            return "keras"
+        return "litert"
 
-    def _describe_inputs(self) -> tuple[str, str, int]:
-        image_name = feature_name = None
-        channels = 1
-        for tensor in self.model.inputs:
-            name = tensor.name.split(":")[0]
-            if len(tensor.shape) == 4:
-                image_name, channels = name, int(tensor.shape[-1])
-                if tuple(tensor.shape[1:3]) != (data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE):
-                    raise ArtifactError(f"{self.model_path}: image input {tuple(tensor.shape)} is not "
-                                        f"{data_loader.IMAGE_SIZE}x{data_loader.IMAGE_SIZE}")
-            elif len(tensor.shape) == 2:
-                feature_name = name
-                if int(tensor.shape[-1]) != data_loader.N_FEATURES:
-                    raise ArtifactError(f"{self.model_path}: feature input takes {tensor.shape[-1]} features, "
-                                        f"data_loader produces {data_loader.N_FEATURES}")
-        if image_name is None or feature_name is None or channels not in (1, 3):
-            raise ArtifactError(f"{self.model_path}: expected an image input (N,448,448,1|3) and a feature "
-                                f"input (N,{data_loader.N_FEATURES})")
-        return image_name, feature_name, channels
+    @property
+    def channels(self) -> int:
+        return self.backend.channels
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -501,27 +474,17 @@ class ClassifierService:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        """All TTA views of the batch in one pass: (B, V, K) logits (or log-probabilities) and (B, E) embeddings.
+        """The backend's scores of every TTA view: (B, V, K) logits (or log-probabilities) and (B, E) embeddings.
 
         The embedding is the input of the model's final layer, averaged over views;
         the out-of-distribution gate measures distances there.
         """
-        views = [images]
-        if tta:  # identity, left-right flip, up-down flip, 180-degree rotation
-            views += [images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
-        n_views = len(views)
-        stacked = np.stack(views, axis=1).reshape(-1, *images.shape[1:])[..., None]
-        if self.channels == 3:
-            stacked = np.repeat(stacked, 3, axis=-1)
-        repeated = np.repeat(features, n_views, axis=0)
         with self._lock:
-            output, embedding = self._forward_model.predict_on_batch(
-                {self._image_input: stacked, self._feature_input: repeated})
+            output, embedding = self.backend.forward(images, features, tta)
         output = np.asarray(output, dtype=np.float64)
-        if self.outputs_probabilities:
+        if self.backend.outputs_probabilities:
             output = np.log(np.clip(output, 1e-12, None))  # softmax(log p / T) == softmax(z / T)
-        embedding = np.asarray(embedding, dtype=np.float64).reshape(len(images), n_views, -1).mean(axis=1)
-        return output.reshape(len(images), n_views, -1), embedding
+        return output, np.asarray(embedding, dtype=np.float64).mean(axis=1)
 
     def iter_scored(
         self, paths: Iterable[str | os.PathLike[str]], batch_size: int = 32, tta: bool = True
@@ -719,21 +682,6 @@ def prediction_set_masks(probs: np.ndarray, quantile: np.ndarray | float) -> np.
     return members
 
 
-def _embedding_tensor(model: Any) -> Any:
-    """The input of the last layer that has weights (the final Dense): the model's embedding."""
-    for layer in reversed(model.layers):
-        if layer.weights:
-            return layer.input
-    raise ArtifactError("the model has no layer with weights")
-
-
-def _ends_in_softmax(model: Any) -> bool:
-    last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    name = getattr(activation, "__name__", "") if activation is not None else ""
-    return type(last).__name__ == "Softmax" or name == "softmax"
-
-
 # --------------------------------------------------------------------------- filesystem run
 
 
@@ -765,7 +713,8 @@ def _library_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     versions = {"python": platform.python_version(), "platform": platform.platform()}
-    for package in ("numpy", "tensorflow", "keras", "astropy", "tifffile", "scikit-learn", "Pillow", "scipy"):
+    for package in ("numpy", "tensorflow", "keras", "ai-edge-litert", "astropy", "tifffile", "scikit-learn", "Pillow",
+                    "scipy"):
         try:
             versions[package] = md.version(package)
         except md.PackageNotFoundError:
@@ -811,7 +760,8 @@ def _run_key(service: ClassifierService, options: RunOptions) -> dict[str, Any]:
             "scaler_sha256": service.scaler_sha256, "thresholds_sha256": service.thresholds_sha256,
             "operating_point": _operating_point(service, options),
             "shard": list(options.shard) if options.shard else None, "extensions": list(options.extensions),
-            "header_keys": list(service.header_keys), "hdu_all": options.hdu_all}
+            "header_keys": list(service.header_keys), "hdu_all": options.hdu_all,
+            "backend": {"name": service.backend.name, "sha256": service.backend_sha256}}
 
 
 def _previous_records(path: Path | None, run_key: dict[str, Any], options: RunOptions) -> dict[str, dict[str, Any]]:
@@ -964,6 +914,8 @@ def _report_meta(service: ClassifierService, options: RunOptions, started_at: st
         "tool_version": __version__,
         "model": {"path": str(service.model_path), "sha256": service.model_sha256},
         "scaler": {"path": str(service.scaler_path), "sha256": service.scaler_sha256},
+        "backend": {"name": service.backend.name, "artifact": str(service.backend.artifact),
+                    "sha256": service.backend_sha256, "threads": service.backend.threads},
         "thresholds_file": str(service.thresholds_path) if service.thresholds_path else None,
         "thresholds_sha256": service.thresholds_sha256,
         "class_names": list(op.class_names),
@@ -1029,7 +981,11 @@ def add_artifact_args(parser: argparse.ArgumentParser, thresholds: bool = True) 
         parser.add_argument("--allow-mismatch", action="store_true",
                             help="warn instead of refusing when model/scaler differ from what the thresholds pin")
     parser.add_argument("--workers", type=positive_int, default=None, help="decode threads (default: CPUs)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="TensorFlow intra-op threads")
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="model runtime: litert (the pinned <model>.tflite, no TensorFlow), keras, or auto "
+                             "(litert when its pinned export is present and no GPU is visible; default)")
+    parser.add_argument("--threads", type=positive_int, default=None,
+                        help="model runtime threads: LiteRT interpreter or TensorFlow intra-op (default: CPUs)")
     parser.add_argument("--hdu", default=None,
                         help="FITS HDU index or EXTNAME to read (default: the first image); filesystem also takes "
                              "'all': one record per image HDU (every CCD of a mosaic)")
@@ -1109,6 +1065,61 @@ def _cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def pin_litert_export(thresholds_path: Path, model_path: Path) -> dict[str, str]:
+    """Check the export next to ``model_path`` against it and pin it in the thresholds file calibrated for it."""
+    try:
+        document = json.loads(thresholds_path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ArtifactError(f"{thresholds_path}: cannot read the thresholds file: {exc}") from exc
+    if document.get("model_sha256") != sha256_of(model_path):
+        raise ArtifactError(f"{thresholds_path}: calibrated for another model than {model_path} (model_sha256 "
+                            f"differs); pin the export in that model's thresholds file")
+    pin = litert_pin(model_path)
+    document.update(pin)
+    with AtomicWriter(thresholds_path.absolute()) as handle:
+        json.dump(document, handle, indent=2)
+    return pin
+
+
+def add_export_command(commands: Any) -> None:
+    """Register ``export`` (Keras model -> LiteRT, pinned in its thresholds file) on an ``add_subparsers()``."""
+    ex = commands.add_parser("export", help="convert a Keras model to <model>.tflite for the LiteRT backend and pin "
+                                            "it in its thresholds file (full install)")
+    ex.add_argument("--model_path", "--model-path", type=Path, default=DEFAULT_MODEL_PATH)
+    ex.add_argument("--thresholds", type=Path, default=None,
+                    help="thresholds file calibrated for the model, where the export's SHA-256 is pinned (default: "
+                         "the shipped one for the shipped model; without one the export is written but not pinned)")
+    ex.add_argument("--quiet", action="store_true")
+    ex.add_argument("--verbose", action="store_true")
+    ex.set_defaults(handler=_cmd_export)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    model_path = args.model_path.absolute()
+    thresholds = args.thresholds
+    if thresholds is None and model_path == DEFAULT_MODEL_PATH:
+        thresholds = DEFAULT_THRESHOLDS_PATH
+    try:
+        require_full_install("export")
+        if not model_path.is_file():
+            raise ArtifactError(f"{model_path}: model file not found")
+        started = time.perf_counter()
+        output = export_litert(model_path)
+        print(f"wrote {output} ({output.stat().st_size:,} bytes) in {time.perf_counter() - started:.1f} s")
+        if thresholds is not None:
+            pin = pin_litert_export(thresholds, model_path)
+            print(f"pinned {pin['litert_sha256'][:12]}... in {thresholds} (outputs checked against the Keras model)")
+        else:
+            print("not pinned: pass --thresholds (the model's thresholds file) so the litert backend accepts it")
+    except ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_ARTIFACTS
+    except OSError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_OUTPUT
+    return EXIT_OK
+
+
 CommandRegistrar = Callable[[Any], None]
 
 
@@ -1132,7 +1143,8 @@ def service_from_args(args: argparse.Namespace, **overrides: Any) -> ClassifierS
     hdu = int(args.hdu) if args.hdu is not None and args.hdu.lstrip("-").isdigit() else args.hdu
     hdu = None if hdu == "all" else hdu  # every image HDU: the scan expands the files (RunOptions.hdu_all)
     options: dict[str, Any] = {"model_path": args.model_path, "scaler_path": args.scaler_path, "workers": args.workers,
-                               "intra_op_threads": args.threads, "hdu": hdu, "header_keys": args.header_keys}
+                               "intra_op_threads": args.threads, "hdu": hdu, "header_keys": args.header_keys,
+                               "backend": args.backend}
     if "operating_point" not in overrides:
         options.update(thresholds_path=args.thresholds, allow_mismatch=args.allow_mismatch)
     return ClassifierService(**options, **overrides)

@@ -1,20 +1,24 @@
-"""End-to-end throughput of ClassifierService against its stages and the naive per-file loop.
+"""End-to-end throughput of ClassifierService on each model backend, against its stages and the naive loop.
 
-    python benchmarks/bench_pipeline.py [--files 96] [--size 2048] [--variant fits_rice]
+    python benchmarks/bench_pipeline.py [--files 96] [--size 2048] [--variant fits_rice] [--litert-threads 2:1,1:2]
 
-Measured in one process on the same files (in the page cache):
+The files are written once; each backend (and each LiteRT thread setting) is measured in its own process on the
+same files (in the page cache), so one runtime's thread pools cannot slow the other's. Per backend:
 * decode-only: data_loader.load_sample over all files with the service's decode threads;
 * model-only: forward passes on preprocessed batches (TTA views included when on);
 * CPU-bound limit: 1 / (1/decode + 1/model), both stages sharing the same cores;
 * end-to-end: ClassifierService.predict_paths (pipelined decode + batched inference);
-* naive: per file, load_sample then model.predict on a batch of one.
+* naive: per file, load_sample then the model on a batch of one (Keras: model.predict; LiteRT: one run);
+* peak RSS of that process.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
+import subprocess
 import sys
 import tempfile
 import time
@@ -29,7 +33,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import data_loader  # noqa: E402
 import inference_runner as ir  # noqa: E402
+from backends import KerasBackend  # noqa: E402
 from training.simulator import FILE_VARIANTS, render_frame, write_frame  # noqa: E402
+
+TARGETS = {"litert_vs_keras_model": 3.0, "litert_vs_keras_end_to_end": 1.3, "of_limit": 0.85, "speed_floor": 1.0}
 
 
 def make_files(directory: Path, count: int, size: int, variant: str) -> list[Path]:
@@ -68,12 +75,76 @@ def model_rate(service: ir.ClassifierService, sample: data_loader.Sample, files:
 
 
 def naive_rate(service: ir.ClassifierService, paths: list[Path]) -> float:
+    """Per file, load it and run the model on it alone, as a first script would (Keras: ``model.predict``)."""
+    backend = service.backend
     started = time.perf_counter()
     for path in paths:
         sample = data_loader.load_sample(path, service.scaler)
-        service.model.predict({service._image_input: sample.image[None, ..., None],
-                               service._feature_input: sample.features[None]}, verbose=0)
+        if isinstance(backend, KerasBackend):
+            backend._model.predict({backend._image_input: sample.image[None, ..., None],
+                                    backend._feature_input: sample.features[None]}, verbose=0)
+        else:
+            backend.forward(sample.image[None], sample.features[None], tta=False)
     return rate(len(paths), time.perf_counter() - started)
+
+
+def measure(args: argparse.Namespace, paths: list[Path]) -> dict:
+    """One backend's figures (run in a child process)."""
+    service = ir.ClassifierService(args.model_path, args.scaler_path, args.thresholds, backend=args.measure,
+                                   intra_op_threads=args.threads, workers=args.workers)
+    decode_rate(service, paths[:8])  # page cache and allocator warm
+    result = {"backend": service.backend.name, "threads": service.backend.threads, "workers": service.workers,
+              "decode": decode_rate(service, paths)}
+    sample = data_loader.load_sample(paths[0], service.scaler)
+    result["naive"] = naive_rate(service, paths[: max(16, len(paths) // 4)])
+    for tta in (False, True):
+        key = "tta" if tta else "no_tta"
+        model = model_rate(service, sample, max(len(paths), 4 * args.batch_size), args.batch_size, tta)
+        service.predict_paths(paths[: args.batch_size], args.batch_size, tta=tta)  # warm this path
+        started = time.perf_counter()
+        service.predict_paths(paths, args.batch_size, tta=tta)
+        result[key] = {"model": model, "limit": 1.0 / (1.0 / result["decode"] + 1.0 / model),
+                       "end_to_end": rate(len(paths), time.perf_counter() - started)}
+    result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return result
+
+
+def run_child(args: argparse.Namespace, directory: Path, backend: str, workers: int | None = None,
+              threads: int | None = None) -> dict:
+    command = [sys.executable, __file__, "--measure", backend, "--files_dir", str(directory),
+               "--batch_size", str(args.batch_size), "--model_path", str(args.model_path),
+               "--scaler_path", str(args.scaler_path), "--thresholds", str(args.thresholds)]
+    for flag, value in (("--workers", workers), ("--threads", threads)):
+        if value:
+            command += [flag, str(value)]
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def print_result(result: dict, naive_targets: bool) -> None:
+    print(f"{result['backend']:>6} ({result['threads']} model threads, {result['workers']} decode threads): "
+          f"decode-only {result['decode']:6.1f} files/s, naive loop {result['naive']:6.1f} files/s, "
+          f"peak RSS {result['peak_rss_mb']:.0f} MB")
+    for key in ("no_tta", "tta"):
+        row = result[key]
+        print(f"    TTA {'on ' if key == 'tta' else 'off'}: model-only {row['model']:7.1f} files/s, CPU-bound limit "
+              f"{row['limit']:6.1f}, end-to-end {row['end_to_end']:6.1f} files/s = "
+              f"{row['end_to_end'] / row['limit']:.2f} of the limit{' (target >= 0.85)' if naive_targets else ''}, "
+              f"{row['end_to_end'] / result['naive']:.1f}x the naive loop"
+              f"{' (target >= 5)' if naive_targets and result['backend'] == 'keras' else ''}")
+    floor = result["tta"]["model"] / result["decode"]
+    print(f"    speed floor: model-only with TTA / decode-only = {floor:.2f} (target >= 1.00)"
+          f"{'' if floor >= TARGETS['speed_floor'] else '  MISSED'}")
+
+
+def compare(keras: dict, litert: dict) -> None:
+    model = litert["tta"]["model"] / keras["tta"]["model"]
+    end_to_end = litert["tta"]["end_to_end"] / keras["tta"]["end_to_end"]
+    of_limit = litert["tta"]["end_to_end"] / litert["tta"]["limit"]
+    for label, value, target in (("LiteRT / Keras model-only (TTA)", model, TARGETS["litert_vs_keras_model"]),
+                                 ("LiteRT / Keras end-to-end (TTA)", end_to_end, TARGETS["litert_vs_keras_end_to_end"]),
+                                 ("LiteRT end-to-end / its CPU-bound limit (TTA)", of_limit, TARGETS["of_limit"])):
+        print(f"{label}: {value:.2f} (target >= {target}){'' if value >= target else '  MISSED'}")
 
 
 def main() -> int:
@@ -85,35 +156,29 @@ def main() -> int:
     parser.add_argument("--model_path", type=Path, default=ir.DEFAULT_MODEL_PATH)
     parser.add_argument("--scaler_path", type=Path, default=ir.DEFAULT_SCALER_PATH)
     parser.add_argument("--thresholds", type=Path, default=ir.DEFAULT_THRESHOLDS_PATH)
+    parser.add_argument("--litert-threads", default="",
+                        help="also measure LiteRT with these DECODE:MODEL thread counts, e.g. 2:1,1:2,1:1")
+    parser.add_argument("--measure", choices=("keras", "litert"), help=argparse.SUPPRESS)  # child process
+    parser.add_argument("--files_dir", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--threads", type=int, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--workers", type=int, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    service = ir.ClassifierService(args.model_path, args.scaler_path, args.thresholds)
+    if args.measure:
+        print(json.dumps(measure(args, sorted(args.files_dir.iterdir()))))
+        return 0
     print(f"pipeline benchmark: {os.cpu_count()} CPUs, {args.files} files of {args.size}x{args.size} {args.variant}, "
-          f"batch {args.batch_size}, {service.workers} decode threads, model {args.model_path.name} "
-          f"({service.model.count_params():,} parameters)")
+          f"batch {args.batch_size}, model {args.model_path.name}")
+    targets = args.variant == "fits_float32"  # the service's targets are set on float32 FITS
     with tempfile.TemporaryDirectory() as scratch:
-        paths = make_files(Path(scratch), args.files, args.size, args.variant)
+        make_files(Path(scratch), args.files, args.size, args.variant)
         os.sync()  # no write-back of these files during the measurement
-        decode_rate(service, paths[:8])  # page cache and allocator warm
-        decode = decode_rate(service, paths)
-        sample = data_loader.load_sample(paths[0], service.scaler)
-        naive = naive_rate(service, paths[: max(16, args.files // 4)])
-        print(f"decode-only {decode:7.1f} files/s; naive per-file predict loop {naive:6.1f} files/s")
-        for tta in (False, True):
-            model = model_rate(service, sample, max(args.files, 4 * args.batch_size), args.batch_size, tta)
-            limit = 1.0 / (1.0 / decode + 1.0 / model)
-            service.predict_paths(paths[: args.batch_size], args.batch_size, tta=tta)  # warm this path
-            started = time.perf_counter()
-            service.predict_paths(paths, args.batch_size, tta=tta)
-            end_to_end = rate(len(paths), time.perf_counter() - started)
-            targets = args.variant == "fits_float32"  # the service's targets are set on float32 FITS
-            print(f"TTA {'on ' if tta else 'off'}: model-only {model:7.1f} files/s, CPU-bound limit {limit:6.1f}, "
-                  f"end-to-end {end_to_end:6.1f} files/s = {end_to_end / limit:.2f} of the limit"
-                  f"{' (target >= 0.85)' if targets else ''}, {end_to_end / naive:.1f}x the naive loop"
-                  f"{' (target >= 5)' if targets else ''}")
-            if tta:  # the model must never become the bottleneck of the pipeline
-                print(f"speed floor: model-only with TTA / decode-only = {model / decode:.2f} (target >= 1.00)"
-                      f"{'' if model >= decode else '  MISSED'}")
-    print(f"peak RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
+        results = {backend: run_child(args, Path(scratch), backend) for backend in ("keras", "litert")}
+        for backend in ("keras", "litert"):
+            print_result(results[backend], targets)
+        compare(results["keras"], results["litert"])
+        for setting in filter(None, args.litert_threads.split(",")):
+            workers, threads = (int(part) for part in setting.split(":"))
+            print_result(run_child(args, Path(scratch), "litert", workers, threads), targets)
     return 0
 
 

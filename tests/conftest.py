@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,39 @@ def tiny_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     from training.tiny import make_tiny_artifacts
 
     return make_tiny_artifacts(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lite_artifacts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The tiny artifacts plus their LiteRT export (``litert``), pinned in the thresholds."""
+    from training.tiny import make_tiny_artifacts
+
+    return make_tiny_artifacts(tmp_path_factory.mktemp("tiny_lite_model"), litert=True)
+
+
+@dataclass(frozen=True)
+class LitePython:
+    """An interpreter that has no TensorFlow or Keras, and the environment to run it with."""
+
+    executable: str
+    env: dict[str, str]
+
+    def run(self, args: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run([self.executable, *args], env={**os.environ, **self.env, **kwargs.pop("env", {})},
+                              capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def lite_python(tmp_path_factory: pytest.TempPathFactory) -> LitePython:
+    """CI's fresh venv of requirements-lite.txt (LITE_PYTHON, set by .ci/run); elsewhere this interpreter with
+    TensorFlow, Keras and JAX made unimportable (sys.modules[name] = None, set at start-up by sitecustomize), so
+    an import of either fails the test instead of passing unnoticed."""
+    if os.environ.get("LITE_PYTHON"):
+        return LitePython(os.environ["LITE_PYTHON"], {"PYTHONPATH": str(ROOT)})
+    blocker = tmp_path_factory.mktemp("no_tensorflow")
+    (blocker / "sitecustomize.py").write_text("import sys\nfor name in ('tensorflow', 'keras', 'jax'):\n"
+                                              "    sys.modules[name] = None\n")
+    return LitePython(sys.executable, {"PYTHONPATH": f"{blocker}{os.pathsep}{ROOT}"})
 
 
 @pytest.fixture(scope="session")

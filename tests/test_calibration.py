@@ -62,7 +62,9 @@ def test_ood_gate_flags_far_points_at_the_chosen_quantile() -> None:
 def test_gate_abstains_with_its_reason(tiny_artifacts: dict[str, Path], tmp_path: Path, mixed_dir: Path) -> None:
     document = json.loads(tiny_artifacts["thresholds"].read_text())
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
-    width = service._forward_model.outputs[1].shape[-1]
+    size = ir.data_loader.IMAGE_SIZE
+    width = service._forward(np.zeros((1, size, size), np.float32), np.zeros((1, ir.data_loader.N_FEATURES),
+                                                                             np.float32), tta=False)[1].shape[-1]
     document["ood_gate"] = ir.OodGate(np.zeros((5, width)), np.eye(width), -1.0, 0.99).to_json()  # all outside
     gated = tmp_path / "gated.json"
     gated.write_text(json.dumps(document))

@@ -4,6 +4,8 @@ The broker is Redis when CELERY_TEST_BROKER_URL is set (.ci/run starts one on
 loopback) and kombu's filesystem transport always: a real broker that needs
 no server, never an eager in-process fake. One child is SIGKILLed mid-task;
 the task must be redelivered and every file still classified exactly once.
+The worker runs on the Keras backend in the full install and on LiteRT in the
+lite install (no TensorFlow: see conftest.lite_python).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from training.simulator import CLASS_NAMES, render_frame, write_frame
 
 EXAMPLE = ROOT / "examples" / "django_archive"
 BROKERS = ["filesystem"] + (["redis"] if os.environ.get("CELERY_TEST_BROKER_URL") else [])
+RUNS = [(broker, "keras") for broker in BROKERS] + [(BROKERS[-1], "litert")]
 FILES = 24
 
 
@@ -46,9 +49,14 @@ def rows(db: Path) -> list[tuple[str, int, str]]:
                                   ).fetchall()
 
 
-@pytest.mark.parametrize("broker", BROKERS)
-def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, tmp_path: Path,
-                                                                   tiny_artifacts: dict[str, Path]) -> None:
+@pytest.mark.parametrize(("broker", "backend"), RUNS)
+def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, backend: str, tmp_path: Path,
+                                                                   request: pytest.FixtureRequest) -> None:
+    if backend == "litert":
+        artifacts, lite = request.getfixturevalue("tiny_lite_artifacts"), request.getfixturevalue("lite_python")
+        python, python_path = lite.executable, lite.env["PYTHONPATH"]
+    else:
+        artifacts, python, python_path = request.getfixturevalue("tiny_artifacts"), sys.executable, str(ROOT)
     archive = tmp_path / "archive"
     for index in range(FILES):
         name = CLASS_NAMES[index % 5]
@@ -58,10 +66,10 @@ def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, t
         write_frame(render_frame(name, index, 128), directory / f"{name}_{index}", variant)
     db = tmp_path / "db.sqlite3"
     env = {**os.environ, "DATABASE_URL": f"sqlite:///{db}", "ARCHIVE_ROOTS": str(archive),
-           "CLASSIFIER_MODEL": str(tiny_artifacts["model"]), "CLASSIFIER_SCALER": str(tiny_artifacts["scaler"]),
-           "CLASSIFIER_THRESHOLDS": str(tiny_artifacts["thresholds"]), "CLASSIFIER_THREADS": "1",
-           "CLASSIFIER_BATCH_SIZE": "4", "CELERY_QUEUE": f"test-{uuid.uuid4().hex[:8]}", "LOG_LEVEL": "INFO",
-           "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": str(ROOT)}
+           "CLASSIFIER_MODEL": str(artifacts["model"]), "CLASSIFIER_SCALER": str(artifacts["scaler"]),
+           "CLASSIFIER_THRESHOLDS": str(artifacts["thresholds"]), "CLASSIFIER_THREADS": "1",
+           "CLASSIFIER_BACKEND": backend, "CLASSIFIER_BATCH_SIZE": "4", "CELERY_QUEUE": f"test-{uuid.uuid4().hex[:8]}",
+           "LOG_LEVEL": "INFO", "TF_CPP_MIN_LOG_LEVEL": "2", "PYTHONPATH": python_path}
     if broker == "redis":
         env["CELERY_BROKER_URL"] = os.environ["CELERY_TEST_BROKER_URL"]
     else:
@@ -69,7 +77,7 @@ def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, t
         env["CELERY_FS_DIR"] = str(tmp_path / "broker")
 
     def manage(*args: str) -> str:
-        done = subprocess.run([sys.executable, "manage.py", *args], cwd=EXAMPLE, env=env, capture_output=True,
+        done = subprocess.run([python, "manage.py", *args], cwd=EXAMPLE, env=env, capture_output=True,
                               text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
         return done.stdout
@@ -79,7 +87,7 @@ def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, t
     log_path = tmp_path / "worker.log"
     with open(log_path, "w") as log:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "archive_site", "worker", "--pool", "prefork", "--concurrency", "2",
+            [python, "-m", "celery", "-A", "archive_site", "worker", "--pool", "prefork", "--concurrency", "2",
              "--prefetch-multiplier", "1", "-O", "fair", "--without-gossip", "--without-mingle", "--without-heartbeat",
              "-Q", env["CELERY_QUEUE"], "--loglevel", "INFO"],
             cwd=EXAMPLE, env=env, stdout=log, stderr=subprocess.STDOUT)
@@ -112,6 +120,7 @@ def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, t
     assert [count for _, count, _ in state] == [1] * FILES, "every file's result written exactly once"
     assert "SIGKILL" in log_text or "WorkerLostError" in log_text, log_text[-4000:]
     loads = [line for line in log_text.splitlines() if "classifier loaded in process" in line]
+    assert loads and all(f"{backend} backend" in line for line in loads), loads
     pids = [line.split("process ")[1].split()[0] for line in loads]
     # the victim may die before its load is logged, and its replacement may find the queue empty
     assert len(pids) == len(set(pids)) >= 1, "the model is loaded once per child process, never twice"

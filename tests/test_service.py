@@ -95,9 +95,9 @@ def test_softmax_model_gives_the_same_scores_as_its_logit_twin(tiny_artifacts: d
     path = tmp_path / "softmax.keras"
     softmax_model.save(path)
     twin = ClassifierService(path, tiny_artifacts["scaler"], tiny_artifacts["thresholds"], allow_mismatch=True)
-    assert twin.outputs_probabilities
+    assert twin.backend.outputs_probabilities
     reference = ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
-    assert not reference.outputs_probabilities
+    assert not reference.backend.outputs_probabilities
     paths = [p for p in ir.scan_paths(mixed_dir) if p.name != "corrupt.fits"][:4]
     for a, b in zip(twin.predict_paths(paths), reference.predict_paths(paths)):
         for name in CLASS_NAMES:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+import backends
 import calibration
 import inference_runner as ir
 from report import AtomicWriter
@@ -35,8 +36,10 @@ def calibrate_to_file(model_path: Path, scaler_path: Path, class_names: list[str
                       output: Path, temperature: float | None, target_precision: float,
                       data_note: dict[str, Any] | None = None, ood_quantile: float = 0.95
                       ) -> calibration.LabelledLogits:
-    """Fit the operating point (temperature, thresholds, Mahalanobis gate) on labelled files and write the
-    thresholds file; returns the calibration set's outputs (the learned gate is fitted on them next)."""
+    """Export the model to LiteRT next to it, fit the operating point (temperature, thresholds, Mahalanobis gate)
+    on labelled files and write the thresholds file (pinning model, scaler and export); returns the calibration
+    set's outputs (the learned gate is fitted on them next)."""
+    backends.export_litert(model_path)
     service = ir.ClassifierService(model_path, scaler_path,
                                    operating_point=ir.OperatingPoint.uncalibrated(class_names))
     data = calibration.collect_logits(service, files, BATCH_SIZE)

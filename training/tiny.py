@@ -16,13 +16,14 @@ import data_loader
 from training.simulator import CLASS_NAMES, render_frame
 
 
-def make_tiny_artifacts(directory: Path, threshold: float = 0.3) -> dict[str, Path]:
-    """Write ``tiny.keras``, ``scaler.joblib`` and ``thresholds.json`` into ``directory``."""
+def make_tiny_artifacts(directory: Path, threshold: float = 0.3, litert: bool = False) -> dict[str, Path]:
+    """Write ``tiny.keras``, ``scaler.joblib`` and ``thresholds.json`` into ``directory``; with ``litert``, also
+    ``tiny.tflite``, pinned in the thresholds."""
     import joblib
     import keras
     from sklearn.preprocessing import StandardScaler
 
-    from inference_runner import sha256_of
+    from backends import export_litert, litert_pin, sha256_of
     from training.train import build_model
 
     directory.mkdir(parents=True, exist_ok=True)
@@ -45,6 +46,10 @@ def make_tiny_artifacts(directory: Path, threshold: float = 0.3) -> dict[str, Pa
         "model_sha256": sha256_of(model_path),
         "scaler_sha256": sha256_of(scaler_path),
     }
+    if litert:
+        export_litert(model_path)
+        document.update(litert_pin(model_path))
     thresholds_path = directory / "thresholds.json"
     thresholds_path.write_text(json.dumps(document, indent=2))
-    return {"model": model_path, "scaler": scaler_path, "thresholds": thresholds_path}
+    artifacts = {"model": model_path, "scaler": scaler_path, "thresholds": thresholds_path}
+    return {**artifacts, "litert": model_path.with_suffix(".tflite")} if litert else artifacts

@@ -32,7 +32,7 @@ import numpy as np
 
 import calibration
 import data_loader
-from inference_runner import _embedding_tensor, import_keras
+from backends import embedding_tensor, import_keras
 from training import real_data
 from training.augment import single_band, style_augment
 from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
@@ -323,7 +323,7 @@ def _batches(data: Dataset, order: np.ndarray, scaler, n_classes: int, batch_siz
 def with_head(model, n_classes: int):
     """``model`` with a new, freshly initialised final layer of ``n_classes`` logits on the same embedding."""
     keras = import_keras()
-    logits = keras.layers.Dense(n_classes, name=f"logits_{n_classes}")(_embedding_tensor(model))
+    logits = keras.layers.Dense(n_classes, name=f"logits_{n_classes}")(embedding_tensor(model))
     return keras.Model(model.inputs, logits, name=model.name)
 
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+import backends
 import inference_runner as ir
 from training import real_data, train
 from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
@@ -140,7 +141,7 @@ def _fit_and_save(args: argparse.Namespace, data: train.Dataset, outliers: train
 
     if args.start == "default":
         scaler = joblib.load(ir.DEFAULT_SCALER_PATH)
-        model = ir.import_keras().saving.load_model(ir.DEFAULT_MODEL_PATH, compile=False)
+        model = backends.load_keras_model(ir.DEFAULT_MODEL_PATH)
         initial = model if keep_head else train.with_head(model, len(names))
     else:
         scaler, initial = train.fit_scaler(train.raw_features(data)), None
@@ -224,10 +225,14 @@ def cmd_train(args: argparse.Namespace) -> int:
             print(f"error: {name} must be in (0, 1), got {value}", file=sys.stderr)
             return ir.EXIT_USAGE
     try:
+        backends.require_full_install("train")
         evaluation = train_on_directory(args)
     except (TrainingInputError, FileNotFoundError) as exc:
         print(f"error: {args.labelled_dir}: {exc}", file=sys.stderr)
         return ir.EXIT_USAGE
+    except ir.ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return ir.EXIT_ARTIFACTS
     summary = evaluation["summary"]["real_validation"]
     out = args.output_dir
     if evaluation["unreadable"]:

@@ -41,7 +41,7 @@ _service_lock = threading.Lock()
 def get_service() -> ClassifierService:
     """The process's ClassifierService, created on first use *in this process*.
 
-    A Celery prefork parent never calls this, so TensorFlow is first loaded in
+    A Celery prefork parent never calls this, so the model runtime (LiteRT, or TensorFlow) is first loaded in
     each child after the fork; the pid check guards against reuse across forks.
     """
     global _service, _service_pid
@@ -49,9 +49,11 @@ def get_service() -> ClassifierService:
         if _service is None or _service_pid != os.getpid():
             config = settings.CLASSIFIER
             _service = ClassifierService(config["model_path"], config["scaler_path"], config["thresholds_path"],
-                                         intra_op_threads=config["intra_op_threads"])
+                                         intra_op_threads=config["intra_op_threads"],
+                                         backend=config.get("backend", "litert"))
             _service_pid = os.getpid()
-            logger.info("classifier loaded in process %d (model %s)", _service_pid, _service.model_sha256[:12])
+            logger.info("classifier loaded in process %d (model %s, %s backend)", _service_pid,
+                        _service.model_sha256[:12], _service.backend.name)
         return _service
 
 

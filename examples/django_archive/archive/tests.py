@@ -25,7 +25,8 @@ ARTIFACTS: dict[str, Path] = {}
 
 
 def setUpModule() -> None:
-    ARTIFACTS.update(make_tiny_artifacts(Path(tempfile.mkdtemp(prefix="tiny-model-"))))
+    # with its LiteRT export: the example's default backend
+    ARTIFACTS.update(make_tiny_artifacts(Path(tempfile.mkdtemp(prefix="tiny-model-")), litert=True))
 
 
 class ArchiveCommandsTest(TestCase):
@@ -90,6 +91,7 @@ class ArchiveCommandsTest(TestCase):
             self.assertTrue(row.prediction_set and set(row.prediction_set) <= set(CLASS_NAMES))
             self.assertEqual(row.label == "unknown", row.abstained)
             self.assertEqual(len(row.model_sha256), 64)
+        self.assertEqual(classifier.get_service().backend.name, "litert")  # the example's default
         self.assertIn("nothing to classify", self.command("classify_new_files"))
         self.assertIn("classified 6", self.command("classify_new_files", "--reclassify-all"))
         self.assertTrue(all(row.classification_count == 2 for row in ArchiveFile.objects.all()))

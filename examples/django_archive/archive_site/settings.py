@@ -3,7 +3,8 @@
 DATABASE_URL       e.g. sqlite:////abs/path/db.sqlite3 (default: db.sqlite3 here) or postgres://user:pw@host/db
 ARCHIVE_ROOTS      colon-separated directories the archive may read; paths elsewhere are refused
 CLASSIFIER_MODEL, CLASSIFIER_SCALER, CLASSIFIER_THRESHOLDS   artifacts (default: the shipped ones)
-CLASSIFIER_THREADS TensorFlow threads per worker process (set cores / concurrency with prefork)
+CLASSIFIER_BACKEND litert (default: the pinned <model>.tflite, no TensorFlow needed), keras, or auto
+CLASSIFIER_THREADS model threads per worker process (LiteRT or TensorFlow; set cores / concurrency with prefork)
 CLASSIFIER_BATCH_SIZE, CLASSIFIER_TTA (1/0)
 CELERY_BROKER_URL  redis://127.0.0.1:6379/0 (default), or filesystem:// with CELERY_FS_DIR for a serverless broker
 CELERY_QUEUE       queue name (default: archive)
@@ -36,6 +37,7 @@ CLASSIFIER = {
     "model_path": os.environ.get("CLASSIFIER_MODEL") or None,
     "scaler_path": os.environ.get("CLASSIFIER_SCALER") or None,
     "thresholds_path": os.environ.get("CLASSIFIER_THRESHOLDS") or None,
+    "backend": os.environ.get("CLASSIFIER_BACKEND", "litert"),
     "intra_op_threads": int(os.environ["CLASSIFIER_THREADS"]) if os.environ.get("CLASSIFIER_THREADS") else None,
     "batch_size": int(os.environ.get("CLASSIFIER_BATCH_SIZE", "32")),
     "tta": os.environ.get("CLASSIFIER_TTA", "1") == "1",

@@ -1,0 +1,365 @@
+"""Model runtimes behind one interface: Keras (TensorFlow, JAX... whatever Keras runs on) and LiteRT.
+
+The service only calls ``forward(images, features) -> (scores, embedding)``; which runtime answers is chosen once,
+when the service is built. LiteRT (``ai-edge-litert``, XNNPACK on CPU) runs the exported ``<model>.tflite`` without
+TensorFlow: a worker with ``requirements-lite.txt`` never imports TensorFlow or Keras. Exporting needs TensorFlow.
+
+Nothing heavy is imported at module import: each runtime is imported when a backend of its kind is built.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import hashlib
+import importlib.util
+import logging
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+import data_loader
+from report import atomic_path
+
+logger = logging.getLogger("inference_runner")
+
+BACKENDS = ("auto", "keras", "litert")
+SIGNATURE = "serving_default"
+IMAGE_INPUT, FEATURE_INPUT, EMBEDDING_OUTPUT = "image", "features", "embedding"
+FULL_INSTALL = "pip install -r requirements.txt (the full install, with TensorFlow)"
+LITE_INSTALL = "pip install ai-edge-litert (in requirements.txt and requirements-lite.txt)"
+
+
+class ArtifactError(Exception):
+    """A model, scaler or thresholds file is missing, unreadable or inconsistent (or its runtime is missing)."""
+
+
+class ModelBackend(Protocol):
+    """What the service needs from a runtime: one forward pass over a batch, and facts about the model."""
+
+    name: str  # "keras" or "litert"
+    artifact: Path  # the file the runtime loaded
+    threads: int | None  # the runtime's compute threads (None: the runtime's own default)
+    channels: int  # image channels the model takes (1 or 3)
+    n_outputs: int
+    outputs_probabilities: bool  # the first output is softmax probabilities (else logits)
+
+    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        """(B, 448, 448) float32 planes and (B, F) scaled features -> (B, V, K) scores and (B, V, E) embeddings
+        for the V views of :func:`tta_views`."""
+        ...
+
+
+def tta_views(images: np.ndarray, tta: bool) -> list[np.ndarray]:
+    """The views of (B, H, W) planes the model scores: identity, and with TTA the left-right flip, the up-down
+    flip and the 180-degree rotation (a sky image has no preferred orientation)."""
+    if not tta:
+        return [images]
+    return [images, images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
+
+
+def sha256_of(path: str | os.PathLike[str]) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def litert_path_for(model_path: str | os.PathLike[str]) -> Path:
+    """Where the LiteRT export of a Keras model lives: next to it, ``.tflite`` instead of ``.keras``."""
+    return Path(model_path).with_suffix(".tflite")
+
+
+def installed(module: str) -> bool:
+    """Whether a runtime can be imported, without importing it (TensorFlow alone costs seconds and ~500 MB)."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # blocked with sys.modules[name] = None, or a broken installation
+        return False
+
+
+def require_full_install(task: str) -> None:
+    """Refuse, naming the install, work that needs TensorFlow and Keras (training, calibration, export)."""
+    missing = [module for module in ("tensorflow", "keras") if not installed(module)]
+    if missing:
+        raise ArtifactError(f"{task} needs the full install ({' and '.join(missing)} missing here): {FULL_INSTALL}")
+
+
+def gpu_visible() -> bool:
+    """An NVIDIA GPU this process may use, judged from the device files (importing TensorFlow to ask would cost
+    the lite worker what it exists to avoid). ``CUDA_VISIBLE_DEVICES=""`` or ``-1`` hides them."""
+    devices = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if devices is not None and devices.strip() in ("", "-1"):
+        return False
+    return bool(glob.glob("/dev/nvidia[0-9]*"))
+
+
+@contextlib.contextmanager
+def stderr_silenced(silence: bool) -> Iterator[None]:
+    """Send file descriptor 2 to /dev/null for the block: TensorFlow's and LiteRT's C++ start-up lines (oneDNN,
+    CUDA probe, XNNPACK delegate) are written there before any Python logging setting can reach them."""
+    if not silence:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def _quiet() -> bool:
+    return not logger.isEnabledFor(logging.DEBUG)
+
+
+def import_keras() -> Any:
+    """Import Keras (and TensorFlow under it) quietly: its C++ start-up chatter is shown only at DEBUG
+    (``--verbose``). Later C++ messages below FATAL are muted through TF_CPP_MIN_LOG_LEVEL unless the caller set
+    it. A missing Keras is an ArtifactError that names the install to use."""
+    if sys.modules.get("keras") is None:
+        if not installed("keras"):
+            raise ArtifactError(f"Keras is not installed (a lite install?): this needs {FULL_INSTALL}")
+        quiet = _quiet()
+        if quiet:
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+        with stderr_silenced(quiet):
+            import keras  # noqa: F401
+    return sys.modules["keras"]
+
+
+def embedding_tensor(model: Any) -> Any:
+    """The input of the last layer that has weights (the final Dense): the model's embedding."""
+    for layer in reversed(model.layers):
+        if layer.weights:
+            return layer.input
+    raise ArtifactError("the model has no layer with weights")
+
+
+def ends_in_softmax(model: Any) -> bool:
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    name = getattr(activation, "__name__", "") if activation is not None else ""
+    return type(last).__name__ == "Softmax" or name == "softmax"
+
+
+def check_input_shapes(path: Path, image_shape: tuple, feature_shape: tuple) -> int:
+    """The image channels, after checking both inputs are what data_loader produces."""
+    if len(image_shape) != 4 or tuple(image_shape[1:3]) != (data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE) \
+            or int(image_shape[3]) not in (1, 3):
+        raise ArtifactError(f"{path}: image input {tuple(image_shape)} is not (N,{data_loader.IMAGE_SIZE},"
+                            f"{data_loader.IMAGE_SIZE},1|3)")
+    if len(feature_shape) != 2 or int(feature_shape[1]) != data_loader.N_FEATURES:
+        raise ArtifactError(f"{path}: feature input {tuple(feature_shape)} is not (N,{data_loader.N_FEATURES}) as "
+                            f"data_loader produces")
+    return int(image_shape[3])
+
+
+def describe_inputs(model: Any, path: Path) -> tuple[str, str, int]:
+    """A Keras model's image and feature input names and its image channels (checked against data_loader)."""
+    by_rank = {len(tensor.shape): tensor for tensor in model.inputs}
+    if set(by_rank) != {2, 4}:
+        raise ArtifactError(f"{path}: expected an image input (N,448,448,1|3) and a feature input "
+                            f"(N,{data_loader.N_FEATURES})")
+    image, features = by_rank[4], by_rank[2]
+    channels = check_input_shapes(path, tuple(image.shape), tuple(features.shape))
+    return image.name.split(":")[0], features.name.split(":")[0], channels
+
+
+def _configure_tensorflow_threads(intra_op: int | None, inter_op: int | None) -> None:
+    """Thread pools must be set before TensorFlow runs its first op; later calls are ignored."""
+    if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
+        return
+    import_keras()
+    import tensorflow as tf
+
+    try:
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op or os.cpu_count() or 1)
+        tf.config.threading.set_inter_op_parallelism_threads(inter_op or 1)
+    except RuntimeError:
+        logger.debug("TensorFlow already initialised; thread settings unchanged")
+
+
+def load_keras_model(path: Path) -> Any:
+    """A saved Keras model, or an ArtifactError that names the file."""
+    keras = import_keras()
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except Exception as exc:  # Keras raises ValueError, OSError, zipfile errors...
+        raise ArtifactError(f"{path}: cannot load Keras model: {exc}") from exc
+
+
+def forward_model(model: Any) -> Any:
+    """The model with its embedding as a second output (what both runtimes run)."""
+    keras = import_keras()
+    return keras.Model(model.inputs, [model.outputs[0], embedding_tensor(model)])
+
+
+class KerasBackend:
+    """The Keras model as saved (TensorFlow on CPU here; JAX or TensorFlow on a GPU)."""
+
+    name = "keras"
+
+    def __init__(self, model_path: Path, threads: int | None = None, inter_op_threads: int | None = None) -> None:
+        _configure_tensorflow_threads(threads, inter_op_threads)
+        self.artifact = model_path
+        self.threads = threads or os.cpu_count()
+        model = load_keras_model(model_path)
+        self._image_input, self._feature_input, self.channels = describe_inputs(model, model_path)
+        self.n_outputs = int(model.outputs[0].shape[-1])
+        self.outputs_probabilities = ends_in_softmax(model)
+        self.parameters = model.count_params()
+        self._model = forward_model(model)
+
+    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        views = tta_views(images, tta)
+        # every view of every file in one pass: (B * V, H, W, C), file-major
+        stacked = np.stack(views, axis=1).reshape(-1, *images.shape[1:])[..., None]
+        if self.channels == 3:
+            stacked = np.repeat(stacked, 3, axis=-1)
+        scores, embedding = self._model.predict_on_batch({self._image_input: stacked,
+                                                          self._feature_input: np.repeat(features, len(views), 0)})
+        return (np.asarray(scores).reshape(len(images), len(views), -1),
+                np.asarray(embedding).reshape(len(images), len(views), -1))
+
+
+class LiteRTBackend:
+    """The exported ``.tflite`` on LiteRT's CPU interpreter (XNNPACK): no TensorFlow in the process.
+
+    One file per interpreter run, its views written straight into the input buffer: measured on 2 cores, runs of
+    4 images are faster than runs of 128 (2,000-2,700 vs 1,560 images/s: the activations stay in cache) and need
+    160 MB instead of 610 MB of arena, and writing the views in place saves stacking the batch (11 of 66 ms per
+    32 files with TTA).
+    """
+
+    name = "litert"
+
+    def __init__(self, tflite_path: Path, threads: int | None = None) -> None:
+        if not installed("ai_edge_litert"):
+            raise ArtifactError(f"{tflite_path}: the LiteRT runtime is not installed: {LITE_INSTALL}")
+        from ai_edge_litert.interpreter import Interpreter
+
+        self.artifact = tflite_path
+        self.threads = threads or os.cpu_count() or 1
+        try:
+            self._interpreter = Interpreter(model_path=str(tflite_path), num_threads=self.threads)
+            runner = self._interpreter.get_signature_runner(SIGNATURE)
+        except (ValueError, RuntimeError) as exc:
+            raise ArtifactError(f"{tflite_path}: cannot load LiteRT model: {exc}") from exc
+        inputs, outputs = runner.get_input_details(), runner.get_output_details()
+        del runner  # it holds the interpreter's buffers, which would block resizing them
+        if set(inputs) != {IMAGE_INPUT, FEATURE_INPUT} or EMBEDDING_OUTPUT not in outputs or len(outputs) != 2:
+            raise ArtifactError(f"{tflite_path}: not an export of this tool (inputs {sorted(inputs)}, outputs "
+                                f"{sorted(outputs)}); make it with `inference-runner export`")
+        self.channels = check_input_shapes(tflite_path, tuple(inputs[IMAGE_INPUT]["shape_signature"]),
+                                           tuple(inputs[FEATURE_INPUT]["shape_signature"]))
+        score_output = next(name for name in outputs if name != EMBEDDING_OUTPUT)
+        self.outputs_probabilities = score_output == "probabilities"
+        self.n_outputs = int(outputs[score_output]["shape_signature"][-1])
+        self._image, self._features = inputs[IMAGE_INPUT]["index"], inputs[FEATURE_INPUT]["index"]
+        self._scores, self._embedding = outputs[score_output]["index"], outputs[EMBEDDING_OUTPUT]["index"]
+        self._views = 0  # the batch dimension the interpreter is allocated for
+        size = data_loader.IMAGE_SIZE
+        with stderr_silenced(_quiet()):  # the XNNPACK delegate announces itself on the first run
+            self.forward(np.zeros((1, size, size), np.float32), np.zeros((1, data_loader.N_FEATURES), np.float32),
+                         tta=False)
+
+    def _allocate(self, views: int) -> None:
+        if views != self._views:
+            size = data_loader.IMAGE_SIZE
+            self._interpreter.resize_tensor_input(self._image, [views, size, size, self.channels])
+            self._interpreter.resize_tensor_input(self._features, [views, data_loader.N_FEATURES])
+            self._interpreter.allocate_tensors()
+            self._views = views
+
+    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        views = tta_views(images, tta)
+        self._allocate(len(views))
+        scores, embeddings = [], []
+        for index in range(len(images)):
+            image_buffer = self._interpreter.tensor(self._image)()  # a view on the input: no copy of the batch
+            for slot, view in enumerate(views):
+                image_buffer[slot] = view[index][..., None]  # a grey plane fills every channel
+            del image_buffer  # the interpreter refuses to run while a view on its memory is alive
+            self._interpreter.set_tensor(self._features, np.repeat(features[index:index + 1], len(views), 0))
+            self._interpreter.invoke()
+            scores.append(self._interpreter.get_tensor(self._scores))
+            embeddings.append(self._interpreter.get_tensor(self._embedding))
+        return np.stack(scores), np.stack(embeddings)
+
+
+def export_litert(model_path: str | os.PathLike[str], output_path: str | os.PathLike[str] | None = None) -> Path:
+    """Convert a Keras model of this tool to LiteRT (float32, dynamic batch) next to it; returns the path.
+
+    The export runs the same forward model the Keras backend runs: inputs ``image`` and ``features``, outputs
+    ``logits`` (or ``probabilities`` for a softmax head) and ``embedding``. Needs TensorFlow.
+    """
+    model_path = Path(model_path)
+    output = Path(output_path) if output_path else litert_path_for(model_path)
+    require_full_install("exporting to LiteRT")
+    keras = import_keras()
+    import tensorflow as tf
+
+    model = load_keras_model(model_path)
+    image_name, feature_name, channels = describe_inputs(model, model_path)
+    forward = forward_model(model)
+    score_name = "probabilities" if ends_in_softmax(model) else "logits"
+
+    def serve(image: Any, features: Any) -> dict[str, Any]:
+        scores, embedding = forward({image_name: image, feature_name: features}, training=False)
+        return {score_name: scores, EMBEDDING_OUTPUT: embedding}
+
+    archive = keras.export.ExportArchive()
+    archive.track(forward)
+    size = data_loader.IMAGE_SIZE
+    archive.add_endpoint(SIGNATURE, serve, input_signature=[
+        keras.InputSpec(shape=(None, size, size, channels), dtype="float32", name=IMAGE_INPUT),
+        keras.InputSpec(shape=(None, data_loader.N_FEATURES), dtype="float32", name=FEATURE_INPUT)])
+    with tempfile.TemporaryDirectory(prefix="litert-export-") as saved_model, stderr_silenced(_quiet()):
+        archive.write_out(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model, signature_keys=[SIGNATURE])
+        flatbuffer = converter.convert()
+    with atomic_path(output) as temp:
+        temp.write_bytes(flatbuffer)
+    logger.info("exported %s -> %s (%d bytes)", model_path.name, output, len(flatbuffer))
+    return output
+
+
+PIN_TOLERANCE = 1e-3  # largest |difference| of logits or embedding between a model and an export that may be pinned
+
+
+def export_difference(model_path: Path, export: Path, n_probes: int = 4, seed: int = 0) -> float:
+    """Largest absolute difference between the Keras model's and its LiteRT export's outputs on seeded probe
+    inputs (uniform images, normal features): a stale or broken export shows here."""
+    keras_model, lite = KerasBackend(model_path), LiteRTBackend(export, threads=1)
+    if (keras_model.channels, keras_model.n_outputs) != (lite.channels, lite.n_outputs):
+        return float("inf")
+    rng = np.random.default_rng(seed)
+    images = rng.random((n_probes, data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE), dtype=np.float32)
+    features = rng.standard_normal((n_probes, data_loader.N_FEATURES)).astype(np.float32)
+    pairs = zip(keras_model.forward(images, features, True), lite.forward(images, features, True))
+    return float(max(np.abs(np.asarray(a, np.float64) - b).max() for a, b in pairs))
+
+
+def litert_pin(model_path: str | os.PathLike[str]) -> dict[str, str]:
+    """The thresholds-file entries that pin the LiteRT export next to a Keras model ({} when there is none),
+    after checking that it computes what the model computes."""
+    model_path = Path(model_path)
+    export = litert_path_for(model_path)
+    if not export.is_file():
+        return {}
+    difference = export_difference(model_path, export)
+    if not difference <= PIN_TOLERANCE:
+        raise ArtifactError(f"{export}: outputs differ from {model_path.name}'s by {difference:.3g} on probe inputs "
+                            f"(an export of another model?); re-export it with `inference-runner export`")
+    logger.info("%s matches %s within %.2g; pinned", export.name, model_path.name, difference)
+    return {"litert_file": export.name, "litert_sha256": sha256_of(export)}

@@ -1,0 +1,206 @@
+"""The two model runtimes: export and pinning, choosing one, and their equivalence on the shipped model."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import backends
+import inference_runner as ir
+from tests.conftest import ROOT, artifact_args
+from training.simulator import CLASS_NAMES, FILE_VARIANTS, render_frame, write_frame
+
+SAMPLE_DATA = ROOT / "examples" / "sample_data"
+PROB_TOLERANCE = 1e-4
+
+
+def copy_artifacts(artifacts: dict[str, Path], directory: Path) -> dict[str, Path]:
+    directory.mkdir(parents=True, exist_ok=True)
+    return {key: Path(shutil.copy(path, directory / path.name)) for key, path in artifacts.items()}
+
+
+def scored(service: ir.ClassifierService, paths: list[Path], tta: bool = True) -> list[ir.ScoredFile]:
+    return list(service.iter_scored(paths, batch_size=8, tta=tta))
+
+
+@pytest.fixture(scope="module")
+def synthetic_set(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Frames of every class in every file variant."""
+    root = tmp_path_factory.mktemp("synthetic")
+    paths = []
+    for index, name in enumerate(CLASS_NAMES):
+        for seed in range(4):
+            variant = FILE_VARIANTS[(index * 4 + seed) % len(FILE_VARIANTS)]
+            paths.append(write_frame(render_frame(name, 100 + seed, 256), root / f"{name}_{seed}", variant, seed))
+    return paths
+
+
+@pytest.fixture(scope="module")
+def shipped() -> dict[str, ir.ClassifierService]:
+    return {name: ir.ClassifierService(backend=name, workers=2) for name in ("keras", "litert")}
+
+
+def test_shipped_thresholds_pin_the_shipped_export() -> None:
+    document = json.loads(ir.DEFAULT_THRESHOLDS_PATH.read_text())
+    export = backends.litert_path_for(ir.DEFAULT_MODEL_PATH)
+    assert document["litert_file"] == export.name
+    assert document["litert_sha256"] == backends.sha256_of(export)
+
+
+@pytest.mark.parametrize("tta", [True, False])
+def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[str, ir.ClassifierService],
+                                                                synthetic_set: list[Path], tta: bool) -> None:
+    paths = sorted(ir.scan_paths(SAMPLE_DATA)) + synthetic_set
+    records = {name: service.predict_paths(paths, batch_size=8, tta=tta) for name, service in shipped.items()}
+    outputs = {name: scored(service, paths, tta) for name, service in shipped.items()}
+    largest = 0.0
+    for keras_record, lite_record in zip(records["keras"], records["litert"]):
+        assert keras_record.path == lite_record.path
+        assert keras_record.error == lite_record.error
+        if keras_record.error:
+            continue
+        assert (keras_record.label, keras_record.abstain_reason) == (lite_record.label, lite_record.abstain_reason)
+        assert keras_record.prediction_set == lite_record.prediction_set
+        largest = max(largest, *(abs(keras_record.probs[c] - lite_record.probs[c]) for c in CLASS_NAMES))
+    assert largest <= PROB_TOLERANCE
+    good = [i for i, item in enumerate(outputs["keras"]) if item.error is None]
+    assert len(good) >= 70  # 60 readable sample files and 20 synthetic ones
+    embeddings = {name: np.stack([outputs[name][i].embedding for i in good]) for name in outputs}
+    op = shipped["keras"].operating_point
+    assert op.ood_gate is not None and op.ood_classifier is not None
+    np.testing.assert_array_equal(op.inside(embeddings["keras"]), op.inside(embeddings["litert"]))
+    assert np.abs(embeddings["keras"] - embeddings["litert"]).max() < 1e-3
+    # the gates' scores, not only their decisions, agree far more closely than their margins
+    np.testing.assert_allclose(op.ood_classifier.logit(embeddings["litert"]), op.ood_classifier.logit(
+        embeddings["keras"]), atol=1e-3)
+
+
+def test_softmax_head_exports_as_probabilities(tiny_artifacts: dict[str, Path], tmp_path: Path,
+                                               mixed_dir: Path) -> None:
+    import keras
+
+    logit_model = keras.saving.load_model(tiny_artifacts["model"], compile=False)
+    softmax_model = keras.Model(logit_model.inputs, keras.layers.Softmax()(logit_model.outputs[0]))
+    path = tmp_path / "softmax.keras"
+    softmax_model.save(path)
+    backends.export_litert(path)
+    lite = backends.LiteRTBackend(path.with_suffix(".tflite"), threads=1)
+    assert lite.outputs_probabilities and lite.n_outputs == len(CLASS_NAMES)
+    twin = ir.ClassifierService(path, tiny_artifacts["scaler"], tiny_artifacts["thresholds"], allow_mismatch=True,
+                                backend="litert")
+    reference = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"],
+                                     backend="keras")
+    paths = [p for p in ir.scan_paths(mixed_dir) if p.name != "corrupt.fits"][:4]
+    for a, b in zip(twin.predict_paths(paths), reference.predict_paths(paths)):
+        for name in CLASS_NAMES:
+            assert a.probs[name] == pytest.approx(b.probs[name], abs=PROB_TOLERANCE)
+
+
+def test_auto_takes_litert_only_for_a_pinned_export_and_no_gpu(tiny_artifacts: dict[str, Path],
+                                                               tiny_lite_artifacts: dict[str, Path], tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    lite = tiny_lite_artifacts
+    args = (lite["model"], lite["scaler"], lite["thresholds"])
+    assert ir.ClassifierService(*args).backend.name == "litert"
+    assert ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"],
+                                tiny_artifacts["thresholds"]).backend.name == "keras"  # no export at all
+    monkeypatch.setattr(ir, "gpu_visible", lambda: True)
+    assert ir.ClassifierService(*args).backend.name == "keras"
+    monkeypatch.undo()
+    stale = copy_artifacts(lite, tmp_path / "stale")
+    with open(stale["litert"], "ab") as handle:
+        handle.write(b"\0")
+    with caplog.at_level(logging.WARNING, logger="inference_runner"):
+        service = ir.ClassifierService(stale["model"], stale["scaler"], stale["thresholds"])
+    assert service.backend.name == "keras" and "re-export" in caplog.text
+    with pytest.raises(ir.ArtifactError, match="LiteRT model SHA-256"):
+        ir.ClassifierService(stale["model"], stale["scaler"], stale["thresholds"], backend="litert")
+
+
+def test_gpu_visibility_honours_cuda_visible_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert not backends.gpu_visible()
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "-1")
+    assert not backends.gpu_visible()
+
+
+def test_litert_refuses_an_unpinned_or_missing_export(tiny_artifacts: dict[str, Path],
+                                                      tiny_lite_artifacts: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ir.ArtifactError, match=r"LiteRT model not found.*inference-runner export"):
+        ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"],
+                             backend="litert")
+    unpinned = copy_artifacts(tiny_lite_artifacts, tmp_path / "unpinned")
+    document = json.loads(unpinned["thresholds"].read_text())
+    del document["litert_sha256"]
+    unpinned["thresholds"].write_text(json.dumps(document))
+    args = (unpinned["model"], unpinned["scaler"], unpinned["thresholds"])
+    with pytest.raises(ir.ArtifactError, match="pins no LiteRT model"):
+        ir.ClassifierService(*args, backend="litert")
+    assert ir.ClassifierService(*args, backend="litert", allow_mismatch=True).backend.name == "litert"
+    assert ir.ClassifierService(*args).backend.name == "keras"  # auto does not take an export it cannot trust
+
+
+def test_export_command_writes_checks_and_pins(tiny_artifacts: dict[str, Path], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    own = copy_artifacts(tiny_artifacts, tmp_path / "own")
+    assert ir.main(["export", "--model_path", str(own["model"]), "--thresholds", str(own["thresholds"])],
+                   (ir.add_export_command,)) == ir.EXIT_OK
+    export = own["model"].with_suffix(".tflite")
+    document = json.loads(own["thresholds"].read_text())
+    assert document["litert_sha256"] == backends.sha256_of(export)
+    assert document["model_sha256"] == backends.sha256_of(own["model"])  # the rest of the file is unchanged
+    assert ir.ClassifierService(own["model"], own["scaler"], own["thresholds"]).backend.name == "litert"
+    capsys.readouterr()
+    # the thresholds of another model are refused
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({**document, "model_sha256": "0" * 64}))
+    assert ir.main(["export", "--model_path", str(own["model"]), "--thresholds", str(other)],
+                   (ir.add_export_command,)) == ir.EXIT_ARTIFACTS
+    assert "calibrated for another model" in capsys.readouterr().err
+
+
+def test_a_stale_export_is_never_pinned(tiny_artifacts: dict[str, Path], tiny_lite_artifacts: dict[str, Path],
+                                        tmp_path: Path) -> None:
+    import keras
+
+    own = copy_artifacts(tiny_artifacts, tmp_path / "own")
+    keras.utils.set_random_seed(1)  # other weights, same architecture: the old export no longer matches
+    model = keras.saving.load_model(own["model"], compile=False)
+    model.set_weights([w + np.float32(0.1) for w in model.get_weights()])
+    model.save(own["model"])
+    shutil.copy(tiny_lite_artifacts["litert"], own["model"].with_suffix(".tflite"))
+    with pytest.raises(ir.ArtifactError, match="outputs differ"):
+        backends.litert_pin(own["model"])
+
+
+def test_report_meta_names_the_backend_and_artifact_used(tiny_lite_artifacts: dict[str, Path], mixed_dir: Path,
+                                                         tmp_path: Path) -> None:
+    for backend in ("litert", "keras"):
+        output = tmp_path / f"{backend}.json"
+        assert ir.main(["filesystem", "--input_dir", str(mixed_dir), "--output_json", str(output), "--quiet",
+                        "--backend", backend, "--threads", "1", *artifact_args(tiny_lite_artifacts)]) == ir.EXIT_OK
+        meta = json.loads(output.read_text())["meta"]
+        artifact = tiny_lite_artifacts["litert" if backend == "litert" else "model"]
+        assert meta["backend"] == {"name": backend, "artifact": str(artifact), "sha256": backends.sha256_of(artifact),
+                                   "threads": 1}
+        assert meta["model"]["sha256"] == backends.sha256_of(tiny_lite_artifacts["model"])
+
+
+def test_training_calibration_and_export_name_the_full_install(tiny_artifacts: dict[str, Path], mixed_dir: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    import calibration
+
+    monkeypatch.setattr(backends, "installed", lambda module: module not in ("tensorflow", "keras"))
+    assert ir.main(["export", "--model_path", str(tiny_artifacts["model"])], (ir.add_export_command,)) \
+        == ir.EXIT_ARTIFACTS
+    assert ir.main(["calibrate", "--labelled_dir", str(mixed_dir), "--output", "unused.json",
+                    *artifact_args(tiny_artifacts)[:4]], (calibration.add_commands,)) == ir.EXIT_ARTIFACTS
+    errors = capsys.readouterr().err
+    assert errors.count("needs the full install") == 2 and "requirements.txt" in errors
