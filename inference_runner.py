@@ -71,6 +71,7 @@ DEFAULT_MODEL_PATH = HERE / "multimodal_classifier_mixup_warmup_randaug_2.keras"
 DEFAULT_SCALER_PATH = HERE / "feature_scaler.joblib"
 DEFAULT_THRESHOLDS_PATH = HERE / "thresholds_prod_precision.json"
 DEFAULT_TEMPERATURE = 0.7
+SET_METHOD = "aps-randomised"  # the prediction sets' score and rule (aps_scores); thresholds files name it
 DEFAULT_HEADER_KEYS = ("OBJECT", "DATE-OBS", "MJD-OBS", "EXPTIME", "FILTER", "INSTRUME", "TELESCOP")
 
 EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_ARTIFACTS, EXIT_OUTPUT, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -215,6 +216,7 @@ class ScoredFile:
     error: str | None
     info: dict[str, Any] | None = None  # data_loader's facts about the file (FITS header cards, sky position)
     hdu: dict[str, Any] | None = None  # {"index", "extname"} of the FITS HDU read
+    tiebreak: float | None = None  # the file's prediction-set tie-break (set_tiebreak of its features)
 
 
 @dataclass(frozen=True)
@@ -233,9 +235,9 @@ class OperatingPoint:
     litert_sha256: str | None = None  # the LiteRT export of the model, checked against Keras when pinned
 
     def set_quantile(self, tta: bool) -> np.ndarray | float | None:
-        """The conformal quantile(s) of the prediction sets (None when the file has no sets)."""
+        """The conformal quantile(s) of the prediction sets (None when the file has none of this version)."""
         sets = (self.document or {}).get("prediction_sets")
-        if not sets:
+        if not sets or sets.get("method") != SET_METHOD:
             return None
         fitted = sets["tta" if tta else "no_tta"]
         return np.asarray(fitted["class_quantiles"]) if sets.get("class_conditional") else fitted["quantile"]
@@ -270,6 +272,10 @@ class OperatingPoint:
                           for tta, key in ((True, "tta"), (False, "no_tta"))}
             gate = OodGate.from_json(document["ood_gate"]) if document.get("ood_gate") else None
             learned = OodClassifier.from_json(document["ood_classifier"]) if document.get("ood_classifier") else None
+            sets = document.get("prediction_sets")
+            if sets and sets.get("method") != SET_METHOD:
+                logger.warning("%s: prediction sets of method %r are not this version's %r: records get none "
+                               "until you recalibrate", path, sets.get("method"), SET_METHOD)
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
                        document.get("scaler_sha256"), gate, str(path), document, learned,
                        document.get("litert_sha256"))
@@ -523,8 +529,9 @@ class ClassifierService:
         for item in pending:
             logits_one, embedding_one = next(outputs) if item.sample is not None else (None, None)
             info = item.sample.info if item.sample is not None else None
+            tiebreak = set_tiebreak(item.sample.features) if item.sample is not None else None
             yield ScoredFile(item.path, item.fingerprint, logits_one, embedding_one, item.error, info,
-                             _hdu_of(item.hdu, info))
+                             _hdu_of(item.hdu, info), tiebreak)
 
     def _load_one(self, item: str | os.PathLike[str] | HduRef) -> _Loaded:
         ref = item if isinstance(item, HduRef) else None
@@ -561,7 +568,7 @@ class ClassifierService:
                 reason = "low_score"
         quantile = self.operating_point.set_quantile(tta)
         if quantile is not None:
-            members = prediction_set_masks(probs[None], quantile)[0]
+            members = prediction_set_masks(probs[None], quantile, np.array([scored.tiebreak]))[0]
             prediction_set = [self.class_names[k] for k in np.argsort(-probs, kind="stable") if members[k]]
         else:
             prediction_set = None
@@ -671,15 +678,26 @@ def ranked_mass(probs: np.ndarray) -> np.ndarray:
     return np.where(probs[:, None, :] >= probs[:, :, None], probs[:, None, :], 0.0).sum(axis=2)
 
 
-def prediction_set_masks(probs: np.ndarray, quantile: np.ndarray | float) -> np.ndarray:
-    """(N, K) conformal set membership (APS): the top class, and every class whose :func:`ranked_mass` is
-    within the quantile (one per class for class-conditional sets). See calibration.aps_scores for the
-    matching calibration score."""
-    mass = ranked_mass(probs)
-    # the tolerance keeps a class whose mass equals the quantile in, whatever the summation order
-    members = mass <= np.broadcast_to(np.asarray(quantile, dtype=np.float64), probs.shape[1:]) + 1e-9
-    members[np.arange(len(probs)), probs.argmax(axis=1)] = True
-    return members
+def set_tiebreak(features: np.ndarray) -> float:
+    """A number in [0, 1) fixed by a file's scaled features (a hash): the U of randomised APS, drawn from the file
+    itself so that its set is the same on every run, backend and machine. Any fixed function of the file keeps
+    the conformal guarantee; a hash spreads the values evenly, which makes the coverage exact."""
+    digest = hashlib.blake2b(np.ascontiguousarray(features, dtype=np.float32).tobytes(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def aps_scores(probs: np.ndarray, tiebreaks: np.ndarray) -> np.ndarray:
+    """(N, K) randomised APS score of every class: the probability mass ranked above it plus (1 - U) of its own."""
+    return ranked_mass(probs) - np.asarray(tiebreaks, dtype=np.float64)[:, None] * probs
+
+
+def prediction_set_masks(probs: np.ndarray, quantile: np.ndarray | float, tiebreaks: np.ndarray) -> np.ndarray:
+    """(N, K) conformal set membership: every class whose :func:`aps_scores` is within the quantile (one quantile
+    per class for class-conditional sets). A set may be empty: when the model's top class is right more often
+    than the coverage asks, some confident files need no class to keep the coverage exact."""
+    quantiles = np.broadcast_to(np.asarray(quantile, dtype=np.float64), probs.shape[1:])
+    # the tolerance keeps a class whose score equals the quantile in, whatever the summation order
+    return aps_scores(probs, tiebreaks) <= quantiles + 1e-9
 
 
 # --------------------------------------------------------------------------- filesystem run

@@ -377,7 +377,8 @@ def results_table(meta: dict[str, Any], records: Iterable[dict[str, Any]], inclu
     for row in records:
         flat = {**row, "ra": (row.get("sky") or {}).get("ra"), "dec": (row.get("sky") or {}).get("dec"),
                 "hdu": (row.get("hdu") or {}).get("index"), "extname": (row.get("hdu") or {}).get("extname"),
-                "prediction_set": "|".join(row["prediction_set"]) if row.get("prediction_set") else None,
+                "prediction_set": (None if row.get("prediction_set") is None  # no sets; "" is an empty set
+                                   else "|".join(row["prediction_set"])),
                 "header": json.dumps(row["header"]) if row.get("header") is not None else None}
         for name in names if include_probs else ():
             flat[f"prob_{name}"] = (row.get("probs") or {}).get(name)

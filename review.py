@@ -99,7 +99,7 @@ def _card(record: dict[str, Any], image: str | None, state: str) -> str:
         '<div class="noimg">no image</div>'
     return (f'<figure class="card" data-class="{html.escape(str(label))}" data-state="{state}" '
             f'title="{html.escape(record["path"])}">{picture}<figcaption><b>{detail}</b>'
-            f'{"<br>set: " + html.escape(", ".join(sets)) if sets else ""}'
+            f'{"" if sets is None else "<br>set: " + (html.escape(", ".join(sets)) or "(empty)")}'
             f'<br><span class="path">{html.escape(Path(record["path"]).name)}</span>'
             f'<br><span class="sky">{_sky_text(record)}</span></figcaption></figure>')
 

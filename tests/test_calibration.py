@@ -95,7 +95,7 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
             assert figures["precision"] is None or figures["precision"] >= 0.95, name
     assert document["ood_gate"]["kind"] == "mahalanobis_embedding"
     sets = document["prediction_sets"]
-    assert sets["method"] == "aps" and sets["coverage"] == 0.95 and sets["n_calibration"] == 20
+    assert sets["method"] == ir.SET_METHOD and sets["coverage"] == 0.95 and sets["n_calibration"] == 20
     assert len(sets["tta"]["scores"]) == len(sets["no_tta"]["scores"]) == 20
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], output)
     assert service.operating_point.ood_gate is not None

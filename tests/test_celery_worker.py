@@ -95,8 +95,11 @@ def test_worker_classifies_everything_once_despite_a_killed_child(broker: str, b
         assert "queued 8 task(s)" in manage("enqueue_unclassified", "--chunk-size", "3")
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and log_path.read_text().count("received") < 2:
-            time.sleep(0.2)
-        time.sleep(1.0)  # both children are now inside their first task (loading the model)
+            time.sleep(0.05)
+        # both children are now inside their first task, loading the model: Keras takes seconds, LiteRT ~0.5 s.
+        # (A child killed after its task, while it writes the result to the pool's pipe, can leave the pipe's
+        # lock held and hang the other children: a billiard limitation, not what this test is about.)
+        time.sleep(1.0 if backend == "keras" else 0.15)
         victims = children_of(worker.pid)
         assert len(victims) == 2, log_path.read_text()[-3000:]
         os.kill(victims[0], signal.SIGKILL)

@@ -99,3 +99,12 @@ def test_filters_work_in_a_real_browser_and_a_screenshot_is_made(reviewed: tuple
     subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,1400",
                     f"--screenshot={screenshot}", page.as_uri()], capture_output=True, timeout=120, check=True)
     assert screenshot.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cards_tell_an_empty_set_from_no_sets() -> None:
+    record = {"path": "/a/b.fits", "class": "galaxy", "top_class": "galaxy", "score": 0.99, "abstain_reason": None,
+              "sky": None}
+    assert "set: (empty)" in review._card({**record, "prediction_set": []}, None, "classified")
+    assert "set: galaxy, nebula" in review._card({**record, "prediction_set": ["galaxy", "nebula"]}, None,
+                                                 "classified")
+    assert "set:" not in review._card({**record, "prediction_set": None}, None, "classified")

@@ -129,6 +129,7 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
     assert thresholds["class_names"] == ["clouds", "spirals", "trails"], "a new head for the user's classes"
     assert thresholds["model_sha256"] == ir.sha256_of(out / "model.keras")
     assert thresholds["scaler_sha256"] == ir.sha256_of(out / "scaler.joblib")
+    assert thresholds["litert_sha256"] == ir.sha256_of(out / "model.tflite"), "exported and pinned"
     evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert set(evaluation["split"]) == set(real_data.SPLITS)
     assert evaluation["unreadable"][0]["path"].endswith("broken.fits")
@@ -148,6 +149,7 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
     assert len(document["results"]) == 37
     assert {r["top_class"] for r in document["results"] if r["error"] is None} <= {"clouds", "spirals", "trails"}
     assert document["meta"]["operating_point"]["temperature"] == thresholds["temperature"]
+    assert document["meta"]["backend"]["name"] == "litert", "the pinned export runs by default on CPU"
 
 
 def test_train_refuses_one_class_and_thin_classes(custom_tree: Path, tmp_path: Path,

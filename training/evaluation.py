@@ -74,7 +74,7 @@ def add_ood_classifier(model_path: Path, scaler_path: Path, thresholds_path: Pat
 
 def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.LabelledLogits:
     return calibration.LabelledLogits([data.paths[i] for i in rows], data.view_logits[rows], data.embeddings[rows],
-                                      data.labels[rows], [])
+                                      data.labels[rows], [], data.tiebreaks[rows])
 
 
 def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float) -> dict[str, Any]:
@@ -85,7 +85,7 @@ def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temp
     metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[True],
                                                   inside)
     metrics["ece"] = calibration.expected_calibration_error(probs, data.labels)
-    metrics["prediction_sets"] = calibration.prediction_set_report(op, probs, data.labels, tta=True)
+    metrics["prediction_sets"] = calibration.prediction_set_report(op, probs, data, tta=True)
     metrics["confusion"] = calibration.confusion_matrix(probs, data.labels, op.thresholds[True],
                                                         list(service.class_names), inside)
     return metrics

@@ -41,7 +41,7 @@ def make_tiny_artifacts(directory: Path, threshold: float = 0.3, litert: bool = 
         "temperature": 0.7,
         "target_precision": 0.95,
         "operating_points": {"tta": {"thresholds": thresholds}, "no_tta": {"thresholds": thresholds}},
-        "prediction_sets": {"method": "aps", "coverage": 0.9, "class_conditional": False, "n_calibration": 0,
+        "prediction_sets": {"method": "aps-randomised", "coverage": 0.9, "class_conditional": False, "n_calibration": 0,
                             "tta": {"quantile": 0.9, "scores": []}, "no_tta": {"quantile": 0.9, "scores": []}},
         "model_sha256": sha256_of(model_path),
         "scaler_sha256": sha256_of(scaler_path),
