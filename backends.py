@@ -1,8 +1,9 @@
 """Model runtimes behind one interface: Keras (TensorFlow, JAX... whatever Keras runs on) and LiteRT.
 
-The service only calls ``forward(images, features) -> (scores, embedding)``; which runtime answers is chosen once,
-when the service is built. LiteRT (``ai-edge-litert``, XNNPACK on CPU) runs the exported ``<model>.tflite`` without
-TensorFlow: a worker with ``requirements-lite.txt`` never imports TensorFlow or Keras. Exporting needs TensorFlow.
+The service only calls ``forward(images, features, tta) -> (scores, embeddings)`` per TTA view; which runtime
+answers is chosen once, when the service is built. LiteRT (``ai-edge-litert``, XNNPACK on CPU) runs the exported
+``<model>.tflite`` without TensorFlow: a worker with ``requirements-lite.txt`` never imports TensorFlow or Keras.
+Exporting needs TensorFlow.
 
 Nothing heavy is imported at module import: each runtime is imported when a backend of its kind is built.
 """
@@ -217,7 +218,6 @@ class KerasBackend:
         self._image_input, self._feature_input, self.channels = describe_inputs(model, model_path)
         self.n_outputs = int(model.outputs[0].shape[-1])
         self.outputs_probabilities = ends_in_softmax(model)
-        self.parameters = model.count_params()
         self._model = forward_model(model)
 
     def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
