@@ -63,10 +63,12 @@ def test_python_api_on_the_lite_install_never_imports_tensorflow(lite_python: Li
     ["export"],
     ["train", "--labelled_dir", str(SAMPLE_DATA), "--output_dir", "unused"],
     ["filesystem", "--input_dir", str(SAMPLE_DATA), "--output_json", "unused.json", "--backend", "keras"],
+    ["-m", "training.train", "--out", "unused"],
 ])
 def test_the_lite_install_names_the_full_install_for_what_needs_tensorflow(lite_python: LitePython, tmp_path: Path,
                                                                           command: list[str]) -> None:
-    done = lite_python.run([str(ROOT / "cli.py"), *command], cwd=tmp_path, timeout=120)
+    program = command if command[0] == "-m" else [str(ROOT / "cli.py"), *command]
+    done = lite_python.run(program, cwd=tmp_path, timeout=120)
     assert done.returncode == ir.EXIT_ARTIFACTS, done.stdout + done.stderr[-3000:]
     assert "full install" in done.stderr and "requirements.txt" in done.stderr
     assert "Traceback" not in done.stderr

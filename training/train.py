@@ -32,7 +32,7 @@ import numpy as np
 
 import calibration
 import data_loader
-from backends import embedding_tensor, import_keras
+from backends import ArtifactError, embedding_tensor, import_keras, require_full_install
 from training import real_data
 from training.augment import single_band, style_augment
 from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
@@ -435,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
                              "gate; the other kinds stay held out for evaluation ('' for none)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    try:
+        require_full_install("training")
+    except ArtifactError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
     outlier_kinds = [kind.strip() for kind in args.outlier_kinds.split(",") if kind.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     data_loader.tune_malloc()
