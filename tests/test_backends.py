@@ -204,3 +204,28 @@ def test_training_calibration_and_export_name_the_full_install(tiny_artifacts: d
                     *artifact_args(tiny_artifacts)[:4]], (calibration.add_commands,)) == ir.EXIT_ARTIFACTS
     errors = capsys.readouterr().err
     assert errors.count("needs the full install") == 2 and "requirements.txt" in errors
+
+
+def test_a_three_channel_model_sees_the_grey_plane_in_every_channel_on_both_backends(
+        tiny_artifacts: dict[str, Path], tmp_path: Path, mixed_dir: Path) -> None:
+    import keras
+
+    size, n_features = ir.data_loader.IMAGE_SIZE, ir.data_loader.N_FEATURES
+    keras.utils.set_random_seed(2)
+    image_in = keras.Input((size, size, 3), name="image")
+    feature_in = keras.Input((n_features,), name="features")
+    x = keras.layers.Conv2D(4, 8, strides=8)(image_in)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    x = keras.layers.Dense(8, activation="relu")(keras.layers.Concatenate()([x, feature_in]))
+    model = keras.Model([image_in, feature_in], keras.layers.Dense(len(CLASS_NAMES))(x))
+    path = tmp_path / "rgb.keras"
+    model.save(path)
+    backends.export_litert(path)
+    args = (path, tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
+    keras_service = ir.ClassifierService(*args, allow_mismatch=True, backend="keras")
+    lite_service = ir.ClassifierService(*args, allow_mismatch=True, backend="litert")
+    assert keras_service.channels == lite_service.channels == 3
+    paths = [p for p in ir.scan_paths(mixed_dir) if p.name != "corrupt.fits"][:4]
+    for a, b in zip(keras_service.predict_paths(paths), lite_service.predict_paths(paths)):
+        assert a.label == b.label
+        assert max(abs(a.probs[c] - b.probs[c]) for c in CLASS_NAMES) <= PROB_TOLERANCE
