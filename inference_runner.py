@@ -424,8 +424,8 @@ class ClassifierService:
             self.scaler = data_loader.load_scaler(self.scaler_path)
         except (ValueError, OSError) as exc:
             raise ArtifactError(str(exc)) from exc
-        self.backend = self._load_backend(backend, intra_op_threads, inter_op_threads, allow_mismatch)
-        self.backend_sha256 = self.model_sha256 if self.backend.name == "keras" else sha256_of(self.backend.artifact)
+        self.backend, self.backend_sha256 = self._load_backend(backend, intra_op_threads, inter_op_threads,
+                                                               allow_mismatch)
         if self.backend.n_outputs != len(self.operating_point.class_names):
             raise ArtifactError(f"{self.backend.artifact}: model has {self.backend.n_outputs} outputs but the "
                                 f"operating point names {len(self.operating_point.class_names)} classes")
@@ -435,14 +435,16 @@ class ClassifierService:
         self._lock = threading.Lock()  # one forward pass at a time per service (neither runtime is re-entrant)
 
     def _load_backend(self, requested: str, threads: int | None, inter_op_threads: int | None,
-                      allow_mismatch: bool) -> ModelBackend:
+                      allow_mismatch: bool) -> tuple[ModelBackend, str]:
+        """The runtime to use and the SHA-256 of the file it runs."""
         if requested not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {requested!r}")
         export = litert_path_for(self.model_path)
-        name = self._auto_backend(export) if requested == "auto" else requested
+        export_sha256 = sha256_of(export) if export.is_file() else None
+        name = self._auto_backend(export, export_sha256) if requested == "auto" else requested
         if name == "keras":
-            return KerasBackend(self.model_path, threads, inter_op_threads)
-        if not export.is_file():
+            return KerasBackend(self.model_path, threads, inter_op_threads), self.model_sha256
+        if export_sha256 is None:
             raise ArtifactError(f"{export}: LiteRT model not found; make it with `inference-runner export "
                                 f"--model_path {self.model_path} --thresholds THRESHOLDS` (full install)")
         pinned = self.operating_point.litert_sha256
@@ -453,17 +455,17 @@ class ClassifierService:
             if not allow_mismatch:
                 raise ArtifactError(message)
             logger.warning("%s (continuing: mismatch allowed)", message)
-        _check_pinned("LiteRT model", export, pinned, sha256_of(export), allow_mismatch)
-        return LiteRTBackend(export, threads)
+        _check_pinned("LiteRT model", export, pinned, export_sha256, allow_mismatch)
+        return LiteRTBackend(export, threads), export_sha256
 
-    def _auto_backend(self, export: Path) -> str:
+    def _auto_backend(self, export: Path, export_sha256: str | None) -> str:
         """LiteRT where it is installed, its export is pinned and present, and no GPU would serve Keras better."""
         if not installed("keras"):
             return "litert"
         pinned = self.operating_point.litert_sha256
-        if not installed("ai_edge_litert") or gpu_visible() or pinned is None or not export.is_file():
+        if not installed("ai_edge_litert") or gpu_visible() or pinned is None or export_sha256 is None:
             return "keras"
-        if sha256_of(export) != pinned:
+        if export_sha256 != pinned:
             logger.warning("%s: not the LiteRT export %s pins (re-export it); running the Keras model",
                            export, self.thresholds_path)
             return "keras"
