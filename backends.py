@@ -337,10 +337,10 @@ def export_litert(model_path: str | os.PathLike[str], output_path: str | os.Path
 PIN_TOLERANCE = 1e-3  # largest |difference| of logits or embedding between a model and an export that may be pinned
 
 
-def export_difference(model_path: Path, export: Path, n_probes: int = 4, seed: int = 0) -> float:
+def export_difference(keras_model: KerasBackend, export: Path, n_probes: int = 4, seed: int = 0) -> float:
     """Largest absolute difference between the Keras model's and its LiteRT export's outputs on seeded probe
     inputs (uniform images, normal features): a stale or broken export shows here."""
-    keras_model, lite = KerasBackend(model_path), LiteRTBackend(export, threads=1)
+    lite = LiteRTBackend(export, threads=1)
     if (keras_model.channels, keras_model.n_outputs) != (lite.channels, lite.n_outputs):
         return float("inf")
     rng = np.random.default_rng(seed)
@@ -350,14 +350,15 @@ def export_difference(model_path: Path, export: Path, n_probes: int = 4, seed: i
     return float(max(np.abs(np.asarray(a, np.float64) - b).max() for a, b in pairs))
 
 
-def litert_pin(model_path: str | os.PathLike[str]) -> dict[str, str]:
+def litert_pin(model_path: str | os.PathLike[str], keras_model: KerasBackend | None = None) -> dict[str, str]:
     """The thresholds-file entries that pin the LiteRT export next to a Keras model ({} when there is none),
-    after checking that it computes what the model computes."""
+    after checking that it computes what the model computes. ``keras_model``: that model already loaded (the
+    calibrating service's), so it is not loaded again."""
     model_path = Path(model_path)
     export = litert_path_for(model_path)
     if not export.is_file():
         return {}
-    difference = export_difference(model_path, export)
+    difference = export_difference(keras_model or KerasBackend(model_path), export)
     if not difference <= PIN_TOLERANCE:
         raise ArtifactError(f"{export}: outputs differ from {model_path.name}'s by {difference:.3g} on probe inputs "
                             f"(an export of another model?); re-export it with `inference-runner export`")

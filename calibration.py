@@ -264,7 +264,9 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         "model_sha256": service.model_sha256,
         "scaler_file": service.scaler_path.name,
         "scaler_sha256": service.scaler_sha256,
-        **backends.litert_pin(service.model_path),  # {} when the model has no LiteRT export next to it
+        # {} when the model has no LiteRT export next to it
+        **backends.litert_pin(service.model_path,
+                              service.backend if isinstance(service.backend, backends.KerasBackend) else None),
         "calibration_data": {"n_files": len(data.labels), "n_failed": len(data.failed),
                              "per_class": {n: int((data.labels == i).sum()) for i, n in enumerate(names)}},
         "created_at": utc_now(),
