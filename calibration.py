@@ -9,7 +9,6 @@ same pass.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -22,7 +21,7 @@ import numpy as np
 import backends
 import data_loader
 import inference_runner as ir
-from report import UNKNOWN, AtomicWriter, utc_now
+from report import UNKNOWN, utc_now, write_json_atomic
 
 logger = logging.getLogger("calibration")
 
@@ -413,8 +412,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     data = collect_logits(service, files, args.batch_size)
     document = calibrate(service, data, args.temperature, args.target_precision, args.ood_quantile or None,
                          args.set_coverage or None, args.class_conditional_sets)
-    with AtomicWriter(args.output.absolute()) as handle:
-        json.dump(document, handle, indent=2)
+    write_json_atomic(args.output, document)
     point = document["operating_points"]["tta"]
     print(f"wrote {args.output}: fitted temperature {document['fitted_temperature']['tta']:.3f} (TTA), "
           f"operating temperature {args.temperature}; coverage {point['validation']['coverage']:.1%} at precision "
@@ -481,8 +479,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         ood = collect_logits(service, [(path, -1) for path in ood_files], args.batch_size)
     result = evaluate(service, data, temperature, ood)
     args.output_dir.mkdir(parents=True, exist_ok=True)
-    with AtomicWriter((args.output_dir / "evaluation.json").absolute()) as handle:
-        json.dump(result, handle, indent=2)
+    write_json_atomic(args.output_dir / "evaluation.json", result)
     plots = write_plots(args.output_dir, service, data, temperature)
     tta = result["tta"]
     print(f"wrote {args.output_dir / 'evaluation.json'}" + (f" and {len(plots)} plots" if plots else ""))

@@ -48,7 +48,6 @@ from report import (
     OUTPUT_FORMATS,
     SCHEMA_VERSION,
     UNKNOWN,
-    AtomicWriter,
     Checkpoint,
     CheckpointError,
     Counts,
@@ -60,6 +59,7 @@ from report import (
     read_report,
     sort_key,
     utc_now,
+    write_json_atomic,
     write_report,
 )
 
@@ -1096,8 +1096,7 @@ def pin_litert_export(thresholds_path: Path, model_path: Path) -> dict[str, str]
                             f"differs); pin the export in that model's thresholds file")
     pin = litert_pin(model_path)
     document.update(pin)
-    with AtomicWriter(thresholds_path.absolute()) as handle:
-        json.dump(document, handle, indent=2)
+    write_json_atomic(thresholds_path, document)
     return pin
 
 

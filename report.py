@@ -203,6 +203,12 @@ def AtomicWriter(target: Path) -> Iterator[io.TextIOWrapper]:
         yield handle
 
 
+def write_json_atomic(path: Path, document: Any) -> None:
+    """``document`` as indented JSON at ``path``, through :func:`AtomicWriter` (thresholds, evaluations)."""
+    with AtomicWriter(path.absolute()) as handle:
+        json.dump(document, handle, indent=2)
+
+
 # --------------------------------------------------------------------------- checkpoint
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import backends
 import calibration
 import inference_runner as ir
-from report import AtomicWriter
+from report import write_json_atomic
 from training.real_data import LabelledFile, labelled_pairs
 
 logger = logging.getLogger(__name__)
@@ -28,8 +28,7 @@ BATCH_SIZE = 32
 
 def write_json(path: Path, document: dict[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with AtomicWriter(path.absolute()) as handle:
-        json.dump(document, handle, indent=2)
+    write_json_atomic(path, document)
 
 
 def calibrate_to_file(model_path: Path, scaler_path: Path, class_names: list[str], files: list[tuple[Path, int]],
