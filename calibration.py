@@ -36,6 +36,7 @@ class LabelledLogits:
     labels: np.ndarray  # (N,) class index
     failed: list[tuple[str, str]]
     tiebreaks: np.ndarray  # (N,) each file's prediction-set tie-break (inference_runner.set_tiebreak)
+    features: np.ndarray  # (N, F) scaled hand-crafted features (what the feature gate measures)
 
     def for_tta(self, tta: bool) -> np.ndarray:
         return self.view_logits if tta else self.view_logits[:, :1]
@@ -56,7 +57,7 @@ def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Pa
 
 
 def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]], batch_size: int) -> LabelledLogits:
-    paths, logits, embeddings, labels, failed, tiebreaks = [], [], [], [], [], []
+    paths, logits, embeddings, labels, failed, tiebreaks, features = [], [], [], [], [], [], []
     for (path, label), scored in zip(files, service.iter_scored([p for p, _ in files], batch_size, tta=True)):
         if scored.view_logits is None:
             failed.append((str(path), scored.error or "unknown error"))
@@ -66,10 +67,11 @@ def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]],
         embeddings.append(scored.embedding)
         labels.append(label)
         tiebreaks.append(scored.tiebreak)
+        features.append(scored.features)
     if failed:
         logger.warning("%d labelled files could not be read and are left out", len(failed))
     return LabelledLogits(paths, np.stack(logits), np.stack(embeddings), np.array(labels), failed,
-                          np.array(tiebreaks))
+                          np.array(tiebreaks), np.stack(features))
 
 
 # --------------------------------------------------------------------------- commands
@@ -88,6 +90,8 @@ def add_commands(commands: Any) -> None:
     cal.add_argument("--target_precision", "--target-precision", type=float, default=0.95)
     cal.add_argument("--ood_quantile", "--ood-quantile", type=float, default=0.95,
                      help="calibration quantile of embedding distance beyond which files abstain (0: no gate)")
+    cal.add_argument("--feature_neighbours", "--feature-neighbours", type=int, default=20,
+                     help="calibration files the feature gate averages the distance to (0: no feature gate)")
     cal.add_argument("--set_coverage", "--set-coverage", type=float, default=0.95,
                      help="coverage of the conformal prediction sets (0: no sets)")
     cal.add_argument("--class_conditional_sets", "--class-conditional-sets", action="store_true",
@@ -216,18 +220,24 @@ def confusion_matrix(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str
 
 def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: float | None,
               target_precision: float, ood_quantile: float | None = 0.95, set_coverage: float | None = 0.95,
-              class_conditional_sets: bool = False) -> dict[str, Any]:
+              class_conditional_sets: bool = False, feature_neighbours: int = 20) -> dict[str, Any]:
     """The thresholds document (see README 'Operating point') for ``service``'s model and scaler.
 
     ``temperature=None`` operates at the fitted (NLL-optimal) temperature. Prediction sets are fitted on the
     same files, with and without TTA, unless ``set_coverage`` is None.
 
-    Thresholds are chosen on the files inside the OOD gate (fitted first on the
-    same embeddings), since the gate abstains on the rest anyway.
+    Thresholds are chosen on the files inside the Mahalanobis gate on the embedding (fitted first on the
+    same embeddings), since the gate abstains on the rest anyway. The feature gate (the ``feature_neighbours``
+    nearest calibration files, at the same ``ood_quantile``) only adds abstentions: the files it turns away
+    here are hard in-distribution ones, and choosing thresholds without them would loosen the thresholds
+    (measured: real validation accuracy of labels 0.956 instead of 0.961).
     """
     names = list(service.class_names)
     gate = ir.OodGate.fit(data.embeddings, data.labels, ood_quantile) if ood_quantile else None
     inside = ~gate.is_outside(data.embeddings) if gate else np.ones(len(data.labels), dtype=bool)
+    neighbours = min(feature_neighbours, len(data.labels) - 1)
+    feature_gate = ir.FeatureGate.fit(data.features, neighbours, ood_quantile) if ood_quantile and neighbours > 0 \
+        else None
     points: dict[str, Any] = {}
     sets: dict[str, Any] = {"method": ir.SET_METHOD, "coverage": set_coverage,
                             "class_conditional": class_conditional_sets, "n_calibration": len(data.labels)}
@@ -258,6 +268,7 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         "target_precision": target_precision,
         "operating_points": points,
         "ood_gate": gate.to_json() if gate else None,
+        "feature_gate": feature_gate.to_json() if feature_gate else None,
         "prediction_sets": sets if set_coverage is not None else None,
         "model_file": service.model_path.name,
         "model_sha256": service.model_sha256,
@@ -411,7 +422,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
             return ir.EXIT_USAGE
     data = collect_logits(service, files, args.batch_size)
     document = calibrate(service, data, args.temperature, args.target_precision, args.ood_quantile or None,
-                         args.set_coverage or None, args.class_conditional_sets)
+                         args.set_coverage or None, args.class_conditional_sets, args.feature_neighbours)
     write_json_atomic(args.output, document)
     point = document["operating_points"]["tta"]
     print(f"wrote {args.output}: fitted temperature {document['fitted_temperature']['tta']:.3f} (TTA), "
@@ -427,7 +438,7 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
              ood: LabelledLogits | None) -> dict[str, Any]:
     names = list(service.class_names)
     op = service.operating_point
-    inside = op.inside(data.embeddings)
+    inside = op.inside(data.embeddings, data.features)
     result: dict[str, Any] = {"temperature": temperature, "class_names": names, "n_failed": len(data.failed),
                               "ood_gate_rejected_in_distribution": float(1.0 - inside.mean())}
     for key, tta in (("tta", True), ("no_tta", False)):
@@ -457,7 +468,7 @@ def ood_abstention(op: ir.OperatingPoint, class_names: Sequence[str], data: Labe
     thresholds = op.thresholds[tta]
     return {"n": len(probs),
             "abstained_fraction": float((~accepted_mask(probs, class_names, thresholds,
-                                                        op.inside(data.embeddings))).mean()),
+                                                        op.inside(data.embeddings, data.features))).mean()),
             "abstained_fraction_thresholds_only": float((~accepted_mask(probs, class_names, thresholds)).mean())}
 
 
@@ -528,7 +539,7 @@ def write_plots(directory: Path, service: ir.ClassifierService, data: LabelledLo
     written.append(_save(fig, directory / "risk_coverage.png"))
 
     matrix = np.array(confusion_matrix(probs, data.labels, service.operating_point.thresholds[True], names,
-                                       service.operating_point.inside(data.embeddings)))
+                                       service.operating_point.inside(data.embeddings, data.features)))
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(names) + 1), [*names, UNKNOWN], rotation=45, ha="right")

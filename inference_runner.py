@@ -79,6 +79,7 @@ EXIT_OK, EXIT_FILE_ERRORS, EXIT_USAGE, EXIT_ARTIFACTS, EXIT_OUTPUT, EXIT_INTERRU
 __all__ = [
     "ArtifactError",
     "ClassifierService",
+    "FeatureGate",
     "FileFingerprint",
     "OodClassifier",
     "OodGate",
@@ -167,6 +168,59 @@ class OodClassifier:
                    float(data["bias"]), float(data["threshold"]), tuple(data.get("kinds", ())))
 
 
+def mean_neighbour_distance(queries: np.ndarray, reference: np.ndarray, k: int, skip_self: bool = False
+                            ) -> np.ndarray:
+    """Mean Euclidean distance of each query row to its ``k`` nearest ``reference`` rows (``skip_self``: the
+    queries are the reference, so each row's own zero distance is left out)."""
+    queries, reference = np.asarray(queries, dtype=np.float64), np.asarray(reference, dtype=np.float64)
+    squared = ((queries**2).sum(axis=1)[:, None] + (reference**2).sum(axis=1)[None, :]
+               - 2.0 * queries @ reference.T)
+    distances = np.sqrt(np.clip(squared, 0.0, None))
+    take = k + int(skip_self)
+    nearest = np.sort(np.partition(distances, take - 1, axis=1)[:, :take], axis=1)
+    return nearest[:, int(skip_self):].mean(axis=1)
+
+
+@dataclass(frozen=True)
+class FeatureGate:
+    """Out-of-distribution gate on the hand-crafted features: mean distance of a file's scaled features to its
+    ``k`` nearest calibration files.
+
+    The embedding gates see only what the network learned to tell apart, and an image of a kind it never saw
+    (the Moon, a planet, a radio map) lands among the classes there; its pixel statistics (noise, sources,
+    power spectrum) still sit apart. Fitted on calibration files alone, it has never seen any
+    out-of-distribution kind, so what it stops is not something it was fitted on.
+    """
+
+    reference: np.ndarray  # (N, F) scaled features of the calibration files
+    k: int
+    max_distance: float  # the ``quantile`` of the calibration files' own (leave-one-out) distances
+    quantile: float
+
+    @classmethod
+    def fit(cls, features: np.ndarray, k: int = 20, quantile: float = 0.95) -> FeatureGate:
+        reference = np.round(np.asarray(features, dtype=np.float64), 5)  # what the JSON keeps
+        if len(reference) <= k:
+            raise ValueError(f"the feature gate needs more than k={k} calibration files, got {len(reference)}")
+        own = mean_neighbour_distance(reference, reference, k, skip_self=True)
+        return cls(reference, k, float(np.quantile(own, quantile)), quantile)
+
+    def distance(self, features: np.ndarray) -> np.ndarray:
+        return mean_neighbour_distance(features, self.reference, self.k)
+
+    def is_outside(self, features: np.ndarray) -> np.ndarray:
+        return self.distance(features) > self.max_distance
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "knn_features", "k": self.k, "quantile": self.quantile, "max_distance": self.max_distance,
+                "reference": self.reference.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> FeatureGate:
+        return cls(np.asarray(data["reference"], dtype=np.float64), int(data["k"]), float(data["max_distance"]),
+                   float(data["quantile"]))
+
+
 @dataclass(frozen=True)
 class HduRef:
     """One image HDU of a FITS file (``--hdu all``: each CCD of a mosaic is classified on its own)."""
@@ -217,6 +271,7 @@ class ScoredFile:
     info: dict[str, Any] | None = None  # data_loader's facts about the file (FITS header cards, sky position)
     hdu: dict[str, Any] | None = None  # {"index", "extname"} of the FITS HDU read
     tiebreak: float | None = None  # the file's prediction-set tie-break (set_tiebreak of its features)
+    features: np.ndarray | None = None  # (F,) the scaled hand-crafted features (the feature gate measures them)
 
 
 @dataclass(frozen=True)
@@ -233,6 +288,7 @@ class OperatingPoint:
     document: dict[str, Any] | None = None
     ood_classifier: OodClassifier | None = None
     litert_sha256: str | None = None  # the LiteRT export of the model, checked against Keras when pinned
+    feature_gate: FeatureGate | None = None
 
     def set_quantile(self, tta: bool) -> np.ndarray | float | None:
         """The conformal quantile(s) of the prediction sets (None when the file has none of this version)."""
@@ -242,12 +298,17 @@ class OperatingPoint:
         fitted = sets["tta" if tta else "no_tta"]
         return np.asarray(fitted["class_quantiles"]) if sets.get("class_conditional") else fitted["quantile"]
 
-    def inside(self, embeddings: np.ndarray) -> np.ndarray:
-        """Per row of ``embeddings``: inside every out-of-distribution gate this operating point has."""
+    def inside(self, embeddings: np.ndarray, features: np.ndarray | None) -> np.ndarray:
+        """Per file (rows of ``embeddings`` and of the scaled ``features``): inside every out-of-distribution
+        gate this operating point has."""
         inside = np.ones(len(embeddings), dtype=bool)
         for gate in (self.ood_gate, self.ood_classifier):
             if gate is not None:
                 inside &= ~gate.is_outside(embeddings)
+        if self.feature_gate is not None:
+            if features is None:
+                raise ValueError("this operating point has a feature gate: pass the files' scaled features")
+            inside &= ~self.feature_gate.is_outside(features)
         return inside
 
     @classmethod
@@ -272,13 +333,14 @@ class OperatingPoint:
                           for tta, key in ((True, "tta"), (False, "no_tta"))}
             gate = OodGate.from_json(document["ood_gate"]) if document.get("ood_gate") else None
             learned = OodClassifier.from_json(document["ood_classifier"]) if document.get("ood_classifier") else None
+            features = FeatureGate.from_json(document["feature_gate"]) if document.get("feature_gate") else None
             sets = document.get("prediction_sets")
             if sets and sets.get("method") != SET_METHOD:
                 logger.warning("%s: prediction sets of method %r are not this version's %r: records get none "
                                "until you recalibrate", path, sets.get("method"), SET_METHOD)
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
                        document.get("scaler_sha256"), gate, str(path), document, learned,
-                       document.get("litert_sha256"))
+                       document.get("litert_sha256"), features)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
 
@@ -531,9 +593,10 @@ class ClassifierService:
         for item in pending:
             logits_one, embedding_one = next(outputs) if item.sample is not None else (None, None)
             info = item.sample.info if item.sample is not None else None
-            tiebreak = set_tiebreak(item.sample.features) if item.sample is not None else None
+            features = item.sample.features if item.sample is not None else None
+            tiebreak = set_tiebreak(features) if features is not None else None
             yield ScoredFile(item.path, item.fingerprint, logits_one, embedding_one, item.error, info,
-                             _hdu_of(item.hdu, info), tiebreak)
+                             _hdu_of(item.hdu, info), tiebreak, features)
 
     def _load_one(self, item: str | os.PathLike[str] | HduRef) -> _Loaded:
         ref = item if isinstance(item, HduRef) else None
@@ -564,7 +627,7 @@ class ClassifierService:
         score = float(probs[top])
         reason = None
         if abstain:
-            if not self.operating_point.inside(scored.embedding[None])[0]:
+            if not self.operating_point.inside(scored.embedding[None], scored.features[None])[0]:
                 reason = "out_of_distribution"
             elif score < self.operating_point.thresholds[tta][top_class]:
                 reason = "low_score"

@@ -71,9 +71,12 @@ def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[st
     good = [i for i, item in enumerate(outputs["keras"]) if item.error is None]
     assert len(good) >= 70  # 60 readable sample files and 20 synthetic ones
     embeddings = {name: np.stack([outputs[name][i].embedding for i in good]) for name in outputs}
+    features = {name: np.stack([outputs[name][i].features for i in good]) for name in outputs}
+    np.testing.assert_array_equal(features["keras"], features["litert"])  # decoded the same, whatever the backend
     op = shipped["keras"].operating_point
-    assert op.ood_gate is not None and op.ood_classifier is not None
-    np.testing.assert_array_equal(op.inside(embeddings["keras"]), op.inside(embeddings["litert"]))
+    assert op.ood_gate is not None and op.ood_classifier is not None and op.feature_gate is not None
+    np.testing.assert_array_equal(op.inside(embeddings["keras"], features["keras"]),
+                                  op.inside(embeddings["litert"], features["litert"]))
     assert np.abs(embeddings["keras"] - embeddings["litert"]).max() < 1e-3
     # the gates' scores, not only their decisions, agree far more closely than their margins
     np.testing.assert_allclose(op.ood_classifier.logit(embeddings["litert"]), op.ood_classifier.logit(

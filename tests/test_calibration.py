@@ -59,6 +59,66 @@ def test_ood_gate_flags_far_points_at_the_chosen_quantile() -> None:
     np.testing.assert_allclose(restored.distance(far), gate.distance(far))
 
 
+def test_mean_neighbour_distance_by_hand() -> None:
+    reference = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
+    queries = np.array([[0.0, 0.0], [3.0, 0.0]])
+    # (0,0): nearest 0 and 5 -> 2.5; (3,0): 3 and 4 -> 3.5
+    np.testing.assert_allclose(ir.mean_neighbour_distance(queries, reference, 2), [2.5, 3.5])
+    # each reference row without its own zero: (0,0) 5 and 10; (3,4) 5 and 5; (6,8) 5 and 10
+    np.testing.assert_allclose(ir.mean_neighbour_distance(reference, reference, 2, skip_self=True), [7.5, 5.0, 7.5])
+
+
+def test_feature_gate_keeps_its_quantile_and_stops_what_lies_apart() -> None:
+    rng = np.random.default_rng(4)
+    features = rng.normal(0, 1, (2000, 15))
+    gate = ir.FeatureGate.fit(features[:1000], k=20, quantile=0.95)
+    # the threshold is the quantile of leave-one-out distances, so new files of the same kind are stopped at
+    # about 1 - quantile (the calibration files themselves less: each is its own nearest neighbour)
+    assert gate.is_outside(features[1000:]).mean() == pytest.approx(0.05, abs=0.02)
+    assert gate.is_outside(features[:1000]).mean() < 0.05
+    shifted = rng.normal(0, 1, (200, 15))
+    shifted[:, 3] += 10  # one statistic far from anything calibrated
+    assert gate.is_outside(shifted).all()
+    restored = ir.FeatureGate.from_json(json.loads(json.dumps(gate.to_json())))
+    np.testing.assert_array_equal(restored.distance(shifted), gate.distance(shifted))
+    assert restored.k == 20 and restored.quantile == 0.95
+    with pytest.raises(ValueError, match="more than k=20"):
+        ir.FeatureGate.fit(features[:20], k=20)
+
+
+def test_operating_point_with_a_feature_gate_needs_features() -> None:
+    rng = np.random.default_rng(5)
+    gate = ir.FeatureGate.fit(rng.normal(0, 1, (100, 4)), k=5, quantile=0.9)
+    point = ir.OperatingPoint(("a", "b"), 1.0, {True: {"a": 0, "b": 0}, False: {"a": 0, "b": 0}}, feature_gate=gate)
+    embeddings = np.zeros((2, 3))
+    inside = point.inside(embeddings, np.array([[0.0, 0, 0, 0], [9.0, 9, 9, 9]]))
+    assert inside.tolist() == [True, False]
+    with pytest.raises(ValueError, match="feature gate"):
+        point.inside(embeddings, None)
+
+
+def test_feature_gate_abstains_on_files_far_from_calibration(tiny_artifacts: dict[str, Path], tmp_path: Path,
+                                                             mixed_dir: Path) -> None:
+    service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
+    scored = [s for s in service.iter_scored(list(ir.scan_paths(mixed_dir)), 8, tta=False) if s.features is not None]
+    features = np.stack([s.features for s in scored])
+    assert features.shape == (len(scored), ir.data_loader.N_FEATURES)
+    document = json.loads(tiny_artifacts["thresholds"].read_text())
+    # a reference far from every file: each one is out of distribution, for the features alone
+    document["feature_gate"] = ir.FeatureGate(features + 1000.0, k=2, max_distance=1.0, quantile=0.99).to_json()
+    gated = tmp_path / "feature_gated.json"
+    gated.write_text(json.dumps(document))
+    gated_service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], gated)
+    records = [r for r in gated_service.predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
+    assert records and all(r.abstain_reason == "out_of_distribution" and r.label == "unknown" for r in records)
+    # a reference holding the files themselves lets them through the feature gate
+    document["feature_gate"] = ir.FeatureGate(features, k=1, max_distance=1e-3, quantile=0.99).to_json()
+    gated.write_text(json.dumps(document))
+    records = [r for r in ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], gated)
+               .predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
+    assert all(r.abstain_reason != "out_of_distribution" for r in records)
+
+
 def test_gate_abstains_with_its_reason(tiny_artifacts: dict[str, Path], tmp_path: Path, mixed_dir: Path) -> None:
     document = json.loads(tiny_artifacts["thresholds"].read_text())
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
@@ -94,11 +154,14 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
         for name, figures in validation["per_class"].items():
             assert figures["precision"] is None or figures["precision"] >= 0.95, name
     assert document["ood_gate"]["kind"] == "mahalanobis_embedding"
+    feature_gate = document["feature_gate"]  # 20 files: k falls to 19, and its quantile is the gate's
+    assert feature_gate["kind"] == "knn_features" and feature_gate["k"] == 19 and feature_gate["quantile"] == 0.95
+    assert np.asarray(feature_gate["reference"]).shape == (20, ir.data_loader.N_FEATURES)
     sets = document["prediction_sets"]
     assert sets["method"] == ir.SET_METHOD and sets["coverage"] == 0.95 and sets["n_calibration"] == 20
     assert len(sets["tta"]["scores"]) == len(sets["no_tta"]["scores"]) == 20
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], output)
-    assert service.operating_point.ood_gate is not None
+    assert service.operating_point.ood_gate is not None and service.operating_point.feature_gate is not None
 
     out_dir = tmp_path / "eval"
     assert cli.main(["evaluate", "--labelled_dir", str(labelled), "--ood_dir", str(labelled / "nebula"),

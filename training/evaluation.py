@@ -73,14 +73,14 @@ def add_ood_classifier(model_path: Path, scaler_path: Path, thresholds_path: Pat
 
 def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.LabelledLogits:
     return calibration.LabelledLogits([data.paths[i] for i in rows], data.view_logits[rows], data.embeddings[rows],
-                                      data.labels[rows], [], data.tiebreaks[rows])
+                                      data.labels[rows], [], data.tiebreaks[rows], data.features[rows])
 
 
 def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float) -> dict[str, Any]:
     """Operating-point figures with TTA and the ECE of a (sub)set."""
     op = service.operating_point
     probs = ir.calibrated_probs(data.view_logits, temperature)
-    inside = op.inside(data.embeddings)
+    inside = op.inside(data.embeddings, data.features)
     metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[True],
                                                   inside)
     metrics["ece"] = calibration.expected_calibration_error(probs, data.labels)
@@ -98,8 +98,10 @@ def ood_by_kind(service: ir.ClassifierService, ood_dir: Path, temperature: float
     result = {}
     for kind, data in ood_embeddings(service, ood_dir).items():
         result[kind] = calibration.ood_abstention(op, names, data, temperature)
-        result[kind]["abstained_fraction_mahalanobis_only"] = calibration.ood_abstention(
-            dataclasses.replace(op, ood_classifier=None), names, data, temperature)["abstained_fraction"]
+        for column, gates_left_out in (("mahalanobis_only", {"ood_classifier": None, "feature_gate": None}),
+                                       ("without_feature_gate", {"feature_gate": None})):
+            result[kind][f"abstained_fraction_{column}"] = calibration.ood_abstention(
+                dataclasses.replace(op, **gates_left_out), names, data, temperature)["abstained_fraction"]
         result[kind]["held_out"] = op.ood_classifier is None or kind not in op.ood_classifier.kinds
         if loko is not None:
             in_distribution, fit_set = loko
