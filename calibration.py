@@ -88,6 +88,9 @@ def add_commands(commands: Any) -> None:
                      help="thresholds file to take class names from when --class_names is not given")
     cal.add_argument("--temperature", type=ir.positive_float, default=ir.DEFAULT_TEMPERATURE)
     cal.add_argument("--target_precision", "--target-precision", type=float, default=0.95)
+    cal.add_argument("--precision_confidence", "--precision-confidence", type=float, default=0.9,
+                     help="confidence with which each threshold's precision must reach the target (a one-sided "
+                          "Clopper-Pearson bound on the calibration files; 0: the point estimate)")
     cal.add_argument("--ood_quantile", "--ood-quantile", type=float, default=0.95,
                      help="calibration quantile of embedding distance beyond which files abstain (0: no gate)")
     cal.add_argument("--feature_neighbours", "--feature-neighbours", type=int, default=20,
@@ -142,23 +145,42 @@ def expected_calibration_error(probs: np.ndarray, labels: np.ndarray, bins: int 
                      for share, confidence, accuracy in reliability_bins(probs, labels, bins)))
 
 
-def precision_threshold(scores: np.ndarray, correct: np.ndarray, target: float) -> float:
+def precision_lower_bound(correct: np.ndarray, total: np.ndarray, confidence: float) -> np.ndarray:
+    """One-sided Clopper-Pearson lower bound of a precision: ``correct`` right out of ``total`` accepted."""
+    from scipy.stats import beta
+
+    correct, total = np.asarray(correct, dtype=np.float64), np.asarray(total, dtype=np.float64)
+    with np.errstate(invalid="ignore"):
+        bound = beta.ppf(1.0 - confidence, correct, total - correct + 1.0)
+    return np.where(correct > 0, bound, 0.0)
+
+
+def precision_threshold(scores: np.ndarray, correct: np.ndarray, target: float,
+                        confidence: float | None = None) -> float:
     """Lowest threshold whose accepted set, and every stricter one, reaches ``target`` precision.
 
     ``scores``/``correct`` are the top-1 scores and correctness of the files
     predicted as one class. Requiring every stricter cut to hold too keeps a
-    lucky dip in a noisy tail from setting the threshold. Returns a value above
-    1 when no cut reaches the target (the class is then always abstained on).
+    lucky dip in a noisy tail from setting the threshold. With ``confidence``
+    the cut must also have a lower confidence bound of its precision at or
+    above ``target``: the precision then holds with that confidence on data
+    like the calibration set, not only on the calibration files themselves
+    (a point estimate from 100 files misses by several points as often as not).
+    Returns a value above 1 when no cut qualifies (the class is then always
+    abstained on).
     """
     if len(scores) == 0:
         return 1.01
     order = np.argsort(-scores, kind="stable")
     ranked_scores, ranked_correct = scores[order], correct[order]
-    precision = np.cumsum(ranked_correct) / np.arange(1, len(scores) + 1)
+    accepted, right = np.arange(1, len(scores) + 1), np.cumsum(ranked_correct)
+    precision = right / accepted
     # a cut must fall between distinct scores: only the last index of a run of ties is a valid cut
     valid_cut = np.append(ranked_scores[1:] < ranked_scores[:-1], True)
-    ok_from_top = np.minimum.accumulate(np.where(valid_cut, precision, np.inf)) >= target
-    ok_cuts = np.nonzero(ok_from_top & valid_cut)[0]
+    ok = (np.minimum.accumulate(np.where(valid_cut, precision, np.inf)) >= target) & valid_cut
+    if confidence:
+        ok &= precision_lower_bound(right, accepted, confidence) >= target
+    ok_cuts = np.nonzero(ok)[0]
     if len(ok_cuts) == 0:
         return 1.01
     return float(ranked_scores[ok_cuts[-1]])
@@ -220,13 +242,16 @@ def confusion_matrix(probs: np.ndarray, labels: np.ndarray, thresholds: dict[str
 
 def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: float | None,
               target_precision: float, ood_quantile: float | None = 0.95, set_coverage: float | None = 0.95,
-              class_conditional_sets: bool = False, feature_neighbours: int = 20) -> dict[str, Any]:
+              class_conditional_sets: bool = False, feature_neighbours: int = 20,
+              precision_confidence: float | None = 0.9) -> dict[str, Any]:
     """The thresholds document (see README 'Operating point') for ``service``'s model and scaler.
 
     ``temperature=None`` operates at the fitted (NLL-optimal) temperature. Prediction sets are fitted on the
     same files, with and without TTA, unless ``set_coverage`` is None.
 
-    Thresholds are chosen on the files inside the Mahalanobis gate on the embedding (fitted first on the
+    Each class's threshold reaches ``target_precision`` with ``precision_confidence`` (see
+    :func:`precision_threshold`; None: the point estimate). Thresholds are chosen on the files inside the
+    Mahalanobis gate on the embedding (fitted first on the
     same embeddings), since the gate abstains on the rest anyway. The feature gate (the ``feature_neighbours``
     nearest calibration files, at the same ``ood_quantile``) only adds abstentions: the files it turns away
     here are hard in-distribution ones, and choosing thresholds without them would loosen the thresholds
@@ -250,7 +275,7 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         predicted, scores = probs.argmax(axis=1), probs.max(axis=1)
         correct = predicted == data.labels
         thresholds = {name: precision_threshold(scores[inside & (predicted == i)], correct[inside & (predicted == i)],
-                                                target_precision)
+                                                target_precision, precision_confidence)
                       for i, name in enumerate(names)}
         unreachable = [name for name, value in thresholds.items() if value > 1.0]
         if unreachable:
@@ -266,6 +291,7 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         "temperature": temperature,
         "fitted_temperature": fitted,
         "target_precision": target_precision,
+        "precision_confidence": precision_confidence,
         "operating_points": points,
         "ood_gate": gate.to_json() if gate else None,
         "feature_gate": feature_gate.to_json() if feature_gate else None,
@@ -416,13 +442,15 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except (ir.ArtifactError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ir.EXIT_ARTIFACTS
-    for flag, value in (("--target_precision", args.target_precision), ("--set_coverage", args.set_coverage or 0.5)):
+    for flag, value in (("--target_precision", args.target_precision), ("--set_coverage", args.set_coverage or 0.5),
+                        ("--precision_confidence", args.precision_confidence or 0.5)):
         if not 0 < value < 1:
             print(f"error: {flag} must be in (0, 1), got {value}", file=sys.stderr)
             return ir.EXIT_USAGE
     data = collect_logits(service, files, args.batch_size)
     document = calibrate(service, data, args.temperature, args.target_precision, args.ood_quantile or None,
-                         args.set_coverage or None, args.class_conditional_sets, args.feature_neighbours)
+                         args.set_coverage or None, args.class_conditional_sets, args.feature_neighbours,
+                         args.precision_confidence or None)
     write_json_atomic(args.output, document)
     point = document["operating_points"]["tta"]
     print(f"wrote {args.output}: fitted temperature {document['fitted_temperature']['tta']:.3f} (TTA), "

@@ -32,6 +32,31 @@ def test_precision_threshold_never_splits_ties() -> None:
     assert calibration.precision_threshold(scores, correct, 0.9) == 0.9
 
 
+def test_precision_lower_bound_by_hand() -> None:
+    # all right: the bound solves p ** n = 1 - confidence; none right: 0
+    np.testing.assert_allclose(calibration.precision_lower_bound(np.array([22, 0]), np.array([22, 5]), 0.9),
+                               [0.1 ** (1 / 22), 0.0])
+    # 95 of 100: the bound sits below the point estimate, and lower at higher confidence
+    at_90, at_99 = calibration.precision_lower_bound(np.array([95, 95]), np.array([100, 100]), np.array([0.9, 0.99]))
+    assert 0.85 < at_99 < at_90 < 0.95
+
+
+def test_precision_threshold_with_confidence_needs_enough_files_to_show_it() -> None:
+    # 100 files, wrong at ranks 60 and 85: the point precision stays >= 0.95 to the last cut (98 of 100)
+    scores = np.linspace(1.0, 0.5, 100)
+    correct = np.ones(100, dtype=bool)
+    correct[[60, 85]] = False
+    assert calibration.precision_threshold(scores, correct, 0.95) == scores[-1]
+    # with 90% confidence: 84 right of 85 still bounds the precision above 0.95; 85 of 86 and beyond do not
+    bounds = calibration.precision_lower_bound(np.cumsum(correct), np.arange(1, 101), 0.9)
+    assert bounds[84] >= 0.95 and (bounds[85:] < 0.95).all()
+    assert calibration.precision_threshold(scores, correct, 0.95, confidence=0.9) == scores[84]
+    # ten right files cannot show 0.95 with 90% confidence (0.1 ** 0.1 = 0.79): the class always abstains
+    ten = np.linspace(0.99, 0.9, 10)
+    assert calibration.precision_threshold(ten, np.ones(10, dtype=bool), 0.95, confidence=0.9) > 1.0
+    assert calibration.precision_threshold(ten, np.ones(10, dtype=bool), 0.95) == ten[-1]
+
+
 def test_fit_temperature_recovers_the_true_temperature() -> None:
     rng = np.random.default_rng(0)
     logits = rng.normal(0, 3, (4000, 1, 5))
