@@ -121,7 +121,7 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "model"
     code = cli.main(["train", "--labelled_dir", str(custom_tree), "--output_dir", str(out), "--epochs", "1",
-                    "--quiet"])
+                    "--precision_confidence", "0.9", "--quiet"])
     printed = capsys.readouterr()
     assert code == ir.EXIT_OK, printed.err
     assert "broken.fits" in printed.err, "unreadable files are listed"
@@ -130,6 +130,11 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
     assert thresholds["model_sha256"] == ir.sha256_of(out / "model.keras")
     assert thresholds["scaler_sha256"] == ir.sha256_of(out / "scaler.joblib")
     assert thresholds["litert_sha256"] == ir.sha256_of(out / "model.tflite"), "exported and pinned"
+    # a handful of calibration files per class cannot show 0.95 precision with 90% confidence: every class
+    # abstains, and the command says so and what to do
+    assert thresholds["precision_confidence"] == 0.9
+    assert all(v > 1 for v in thresholds["operating_points"]["tta"]["thresholds"].values())
+    assert "clouds, spirals, trails always abstain" in printed.err and "--precision_confidence 0" in printed.err
     evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert set(evaluation["split"]) == set(real_data.SPLITS)
     assert evaluation["unreadable"][0]["path"].endswith("broken.fits")

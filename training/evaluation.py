@@ -33,8 +33,8 @@ def write_json(path: Path, document: dict[str, Any]) -> None:
 
 def calibrate_to_file(model_path: Path, scaler_path: Path, class_names: list[str], files: list[tuple[Path, int]],
                       output: Path, temperature: float | None, target_precision: float,
-                      data_note: dict[str, Any] | None = None, ood_quantile: float = 0.95
-                      ) -> calibration.LabelledLogits:
+                      data_note: dict[str, Any] | None = None, ood_quantile: float = 0.95,
+                      precision_confidence: float | None = 0.9) -> calibration.LabelledLogits:
     """Export the model to LiteRT next to it, fit the operating point (temperature, thresholds, Mahalanobis gate)
     on labelled files and write the thresholds file (pinning model, scaler and export); returns the calibration
     set's outputs (the learned gate is fitted on them next)."""
@@ -42,7 +42,8 @@ def calibrate_to_file(model_path: Path, scaler_path: Path, class_names: list[str
     service = ir.ClassifierService(model_path, scaler_path,
                                    operating_point=ir.OperatingPoint.uncalibrated(class_names))
     data = calibration.collect_logits(service, files, BATCH_SIZE)
-    document = calibration.calibrate(service, data, temperature, target_precision, ood_quantile)
+    document = calibration.calibrate(service, data, temperature, target_precision, ood_quantile,
+                                     precision_confidence=precision_confidence)
     document["calibration_data"].update(data_note or {})
     write_json(output, document)
     logger.info("calibrated on %d files: fitted temperature %.3f (TTA), operating at %.3f", len(data.labels),
