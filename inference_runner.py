@@ -168,17 +168,22 @@ class OodClassifier:
                    float(data["bias"]), float(data["threshold"]), tuple(data.get("kinds", ())))
 
 
-def mean_neighbour_distance(queries: np.ndarray, reference: np.ndarray, k: int, skip_self: bool = False
-                            ) -> np.ndarray:
+def mean_neighbour_distance(queries: np.ndarray, reference: np.ndarray, k: int, skip_self: bool = False,
+                            chunk: int = 1024) -> np.ndarray:
     """Mean Euclidean distance of each query row to its ``k`` nearest ``reference`` rows (``skip_self``: the
-    queries are the reference, so each row's own zero distance is left out)."""
+    queries are the reference, so each row's own zero distance is left out). ``chunk`` query rows at a time
+    bound the distance matrix held in memory."""
     queries, reference = np.asarray(queries, dtype=np.float64), np.asarray(reference, dtype=np.float64)
-    squared = ((queries**2).sum(axis=1)[:, None] + (reference**2).sum(axis=1)[None, :]
-               - 2.0 * queries @ reference.T)
-    distances = np.sqrt(np.clip(squared, 0.0, None))
+    reference_norms = (reference**2).sum(axis=1)[None, :]
     take = k + int(skip_self)
-    nearest = np.sort(np.partition(distances, take - 1, axis=1)[:, :take], axis=1)
-    return nearest[:, int(skip_self):].mean(axis=1)
+    means = []
+    for start in range(0, len(queries), chunk):
+        block = queries[start:start + chunk]
+        squared = (block**2).sum(axis=1)[:, None] + reference_norms - 2.0 * block @ reference.T
+        distances = np.sqrt(np.clip(squared, 0.0, None))
+        nearest = np.sort(np.partition(distances, take - 1, axis=1)[:, :take], axis=1)
+        means.append(nearest[:, int(skip_self):].mean(axis=1))
+    return np.concatenate(means) if means else np.zeros(0)
 
 
 @dataclass(frozen=True)

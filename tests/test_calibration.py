@@ -91,6 +91,9 @@ def test_mean_neighbour_distance_by_hand() -> None:
     np.testing.assert_allclose(ir.mean_neighbour_distance(queries, reference, 2), [2.5, 3.5])
     # each reference row without its own zero: (0,0) 5 and 10; (3,4) 5 and 5; (6,8) 5 and 10
     np.testing.assert_allclose(ir.mean_neighbour_distance(reference, reference, 2, skip_self=True), [7.5, 5.0, 7.5])
+    # in chunks of one query row: the same figures
+    np.testing.assert_allclose(ir.mean_neighbour_distance(reference, reference, 2, skip_self=True, chunk=1),
+                               [7.5, 5.0, 7.5])
 
 
 def test_feature_gate_keeps_its_quantile_and_stops_what_lies_apart() -> None:
