@@ -17,7 +17,7 @@ from report import load_schema
 from training import real_data
 from training.augment import style_augment
 from training.simulator import render_frame, write_frame
-from training.train import Dataset, epoch_indices
+from training.train import Dataset, build_model, epoch_indices, with_head
 
 
 @pytest.mark.parametrize(("name", "key"), [
@@ -60,6 +60,20 @@ def test_epochs_balance_sources_within_a_class_and_mix_real_with_simulated() -> 
     assert (labels[order] == 0).sum() == 1000, "class balance"
     assert abs((picked == "survey").sum() - 300) < 60 and abs((picked == "photos").sum() - 300) < 60
     assert ((picked == "sim") & (labels[order] == 0)).sum() == 400
+
+
+def test_new_head_keeps_what_the_model_knew_of_classes_it_already_has() -> None:
+    model = build_model(3, data_loader.N_FEATURES, image_size=32)
+    rng = np.random.default_rng(0)
+    inputs = {"image": rng.random((4, 32, 32, 1), dtype=np.float32),
+              "features": rng.normal(size=(4, data_loader.N_FEATURES)).astype(np.float32)}
+    before = np.asarray(model.predict(inputs, verbose=0))
+    # the user's classes: "b" the model has (its second output), "new" it does not
+    tuned = with_head(model, ["b", "new"], known=["a", "b", "c"])
+    after = np.asarray(tuned.predict(inputs, verbose=0))
+    assert after.shape == (4, 2)
+    np.testing.assert_allclose(after[:, 0], before[:, 1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(after[:, 1], before[:, 0]) and not np.allclose(after[:, 1], before[:, 2])
 
 
 def test_style_augmentation_gives_model_ready_planes() -> None:

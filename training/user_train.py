@@ -146,7 +146,8 @@ def _fit_and_save(args: argparse.Namespace, data: train.Dataset, outliers: train
     if args.start == "default":
         scaler = joblib.load(ir.DEFAULT_SCALER_PATH)
         model = backends.load_keras_model(ir.DEFAULT_MODEL_PATH)
-        initial = model if keep_head else train.with_head(model, len(names))
+        shipped = ir.OperatingPoint.load(ir.DEFAULT_THRESHOLDS_PATH).class_names
+        initial = model if keep_head else train.with_head(model, names, shipped)
     else:
         scaler, initial = train.fit_scaler(train.raw_features(data)), None
     model = train.train_model(train.Dataset.concat([data, outliers]), scaler, names, recipe, initial_model=initial,
