@@ -35,9 +35,10 @@ def calibrate_to_file(model_path: Path, scaler_path: Path, class_names: list[str
                       output: Path, temperature: float | None, target_precision: float,
                       data_note: dict[str, Any] | None = None, ood_quantile: float = 0.95,
                       precision_confidence: float | None = 0.9) -> calibration.LabelledLogits:
-    """Export the model to LiteRT next to it, fit the operating point (temperature, thresholds, Mahalanobis gate)
-    on labelled files and write the thresholds file (pinning model, scaler and export); returns the calibration
-    set's outputs (the learned gate is fitted on them next)."""
+    """Export the model to LiteRT next to it, fit the operating point (temperature, thresholds at
+    ``precision_confidence``, Mahalanobis and feature gates) on labelled files and write the thresholds file
+    (pinning model, scaler and export); returns the calibration set's outputs (the learned gate is fitted on
+    them next)."""
     backends.export_litert(model_path)
     service = ir.ClassifierService(model_path, scaler_path,
                                    operating_point=ir.OperatingPoint.uncalibrated(class_names))
