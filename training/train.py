@@ -335,9 +335,10 @@ def with_head(model, class_names: Sequence[str], known: Sequence[str] = ()):
     logits = head(embedding_tensor(model))
     kernel, bias = head.get_weights()
     old_kernel, old_bias = old_head.get_weights()
+    known = list(known)
     for index, name in enumerate(class_names):
         if name in known:
-            kernel[:, index], bias[index] = old_kernel[:, list(known).index(name)], old_bias[list(known).index(name)]
+            kernel[:, index], bias[index] = old_kernel[:, known.index(name)], old_bias[known.index(name)]
     head.set_weights([kernel, bias])
     return keras.Model(model.inputs, logits, name=model.name)
 
