@@ -138,12 +138,17 @@ def import_keras() -> Any:
     return sys.modules["keras"]
 
 
-def embedding_tensor(model: Any) -> Any:
-    """The input of the last layer that has weights (the final Dense): the model's embedding."""
+def final_layer(model: Any) -> Any:
+    """The last layer that has weights (the final Dense)."""
     for layer in reversed(model.layers):
         if layer.weights:
-            return layer.input
+            return layer
     raise ArtifactError("the model has no layer with weights")
+
+
+def embedding_tensor(model: Any) -> Any:
+    """The input of the final layer: the model's embedding."""
+    return final_layer(model).input
 
 
 def ends_in_softmax(model: Any) -> bool:

@@ -251,8 +251,8 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
 
     Each class's threshold reaches ``target_precision`` with ``precision_confidence`` (see
     :func:`precision_threshold`; None: the point estimate). Thresholds are chosen on the files inside the
-    Mahalanobis gate on the embedding (fitted first on the
-    same embeddings), since the gate abstains on the rest anyway. The feature gate (the ``feature_neighbours``
+    Mahalanobis gate on the embedding (fitted first on the same embeddings), since the gate abstains on the
+    rest anyway. The feature gate (the ``feature_neighbours``
     nearest calibration files, at the same ``ood_quantile``) only adds abstentions: the files it turns away
     here are hard in-distribution ones, and choosing thresholds without them would loosen the thresholds
     (measured: real validation accuracy of labels 0.956 instead of 0.961).

@@ -33,7 +33,7 @@ import numpy as np
 
 import calibration
 import data_loader
-from backends import ArtifactError, embedding_tensor, import_keras, require_full_install
+from backends import ArtifactError, embedding_tensor, final_layer, import_keras, require_full_install
 from training import real_data
 from training.augment import single_band, style_augment
 from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
@@ -330,7 +330,7 @@ def with_head(model, class_names: Sequence[str], known: Sequence[str] = ()):
     test top-1 0.51 from a fresh head, 0.84 from the carried weights).
     """
     keras = import_keras()
-    old_head = next(layer for layer in reversed(model.layers) if layer.weights)
+    old_head = final_layer(model)
     head = keras.layers.Dense(len(class_names), name=f"logits_{len(class_names)}")
     logits = head(embedding_tensor(model))
     kernel, bias = head.get_weights()

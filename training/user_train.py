@@ -79,13 +79,10 @@ def check_classes(files: list[LabelledFile], unreadable: list[tuple[str, str]]) 
     return sorted(counts)
 
 
-def _class_order(names: list[str], start: str) -> tuple[list[str], bool]:
-    """(class order, keep the shipped head): the shipped order when fine-tuning on exactly the shipped classes."""
-    if start == "default":
-        shipped = list(ir.OperatingPoint.load(ir.DEFAULT_THRESHOLDS_PATH).class_names)
-        if sorted(shipped) == names:
-            return shipped, True
-    return names, False
+def _class_order(names: list[str], shipped: list[str]) -> list[str]:
+    """The shipped order when fine-tuning on exactly the shipped classes (the shipped head is kept), else
+    ``names``."""
+    return shipped if shipped and sorted(shipped) == names else names
 
 
 def _recipe(start: str, epochs: int | None, train_counts: list[int], seed: int) -> train.Recipe:
@@ -110,7 +107,9 @@ def train_on_directory(args: argparse.Namespace) -> dict[str, Any]:
     bad = {path for path, _ in unreadable}
     usable = [f for f in files if str(f.path) not in bad]
     check_splits(usable, names)
-    ordered, keep_head = _class_order(names, args.start)
+    # the classes the start model already has ([] from scratch)
+    shipped = list(ir.OperatingPoint.load(ir.DEFAULT_THRESHOLDS_PATH).class_names) if args.start == "default" else []
+    ordered = _class_order(names, shipped)
     data.labels = np.array([ordered.index(names[k]) for k in data.labels])
     with tempfile.TemporaryDirectory(prefix="astro-ood-") as scratch:
         ood_dir = write_ood_directory(Path(scratch) / "evaluation", per_photo=2, per_synthetic=8)
@@ -119,7 +118,7 @@ def train_on_directory(args: argparse.Namespace) -> dict[str, Any]:
         outliers = train.outlier_dataset(ood_fit_dir, list(train.OUTLIER_KINDS))
         recipe = _recipe(args.start, args.epochs, [int((data.labels == k).sum()) for k in range(len(ordered))],
                          args.seed)
-        _fit_and_save(args, data, outliers, ordered, keep_head, recipe)
+        _fit_and_save(args, data, outliers, ordered, shipped, recipe)
         evaluation = _calibrate_and_evaluate(args, usable, ordered, ood_dir, ood_fit_dir)
     evaluation.update(split=real_data.summarise(usable), unreadable=[{"path": p, "error": c} for p, c in unreadable],
                       recipe=vars(recipe), start=args.start, seconds=round(time.perf_counter() - started, 1))
@@ -139,15 +138,14 @@ def check_splits(usable: list[LabelledFile], names: list[str]) -> None:
 
 
 def _fit_and_save(args: argparse.Namespace, data: train.Dataset, outliers: train.Dataset, names: list[str],
-                  keep_head: bool, recipe: train.Recipe) -> None:
+                  shipped: list[str], recipe: train.Recipe) -> None:
     """Fine-tune the shipped model (its scaler kept) or train from scratch; save model and scaler into OUT."""
     import joblib
 
     if args.start == "default":
         scaler = joblib.load(ir.DEFAULT_SCALER_PATH)
         model = backends.load_keras_model(ir.DEFAULT_MODEL_PATH)
-        shipped = ir.OperatingPoint.load(ir.DEFAULT_THRESHOLDS_PATH).class_names
-        initial = model if keep_head else train.with_head(model, names, shipped)
+        initial = model if names == shipped else train.with_head(model, names, shipped)
     else:
         scaler, initial = train.fit_scaler(train.raw_features(data)), None
     model = train.train_model(train.Dataset.concat([data, outliers]), scaler, names, recipe, initial_model=initial,
