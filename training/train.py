@@ -449,7 +449,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outlier-kinds", default=",".join(OUTLIER_KINDS),
                         help="out-of-distribution kinds (training/ood.py) shown in training and fitted by the learned "
                              "gate; the other kinds stay held out for evaluation ('' for none)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the real-data split (and of training unless "
+                                                              "--model-seed is given)")
+    parser.add_argument("--model-seed", type=int, default=None,
+                        help="seed of initialisation and sampling only: members of an ensemble differ in it and "
+                             "share the split (training.ensemble)")
     args = parser.parse_args(argv)
     try:
         require_full_install("training")
@@ -485,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%d training planes (%d real, %d outliers) ready after %.0f s", len(data), len(real_train),
                     int((data.labels == OUTLIER).sum()), time.perf_counter() - started)
         recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
-                        width=args.width, seed=args.seed)
+                        width=args.width,
+                        seed=args.seed if args.model_seed is None else args.model_seed)
         model = train_model(data, scaler, names, recipe)
         del data
         model.save(model_path)
