@@ -10,17 +10,14 @@ import pytest
 from sklearn.preprocessing import StandardScaler
 
 import data_loader
-
-pytest.importorskip("keras")
-
-import keras  # noqa: E402
-
-from backends import KerasBackend, embedding_tensor, export_difference, export_litert, load_keras_model  # noqa: E402
-from training.ensemble import main, merge  # noqa: E402
-from training.train import MODEL_NAME, SCALER_NAME, build_model  # noqa: E402
+from backends import KerasBackend, embedding_tensor, export_difference, export_litert, load_keras_model
+from training.ensemble import main, merge
+from training.train import MODEL_NAME, SCALER_NAME, build_model
 
 
 def _member(seed: int, n_classes: int = 5):
+    import keras
+
     keras.utils.set_random_seed(seed)
     return build_model(n_classes, data_loader.N_FEATURES)
 
