@@ -151,6 +151,21 @@ def embedding_tensor(model: Any) -> Any:
     return final_layer(model).input
 
 
+MEMBER_PREFIX = "member_"  # training.ensemble names each member's sub-model so
+
+
+def ensemble_head(model: Any) -> tuple[np.ndarray, np.ndarray, list[int]] | None:
+    """The final layer's kernel and bias and each member's embedding width, for an ensemble merged by
+    ``training.ensemble`` (nested ``member_<i>`` models whose embeddings, concatenated, feed the final layer);
+    None for any other model."""
+    members = [layer for layer in model.layers if layer.name.startswith(MEMBER_PREFIX) and hasattr(layer, "layers")]
+    kernel, bias = final_layer(model).get_weights()
+    sizes = [int(member.output.shape[-1]) for member in members]
+    if len(members) < 2 or sum(sizes) != kernel.shape[0]:
+        return None
+    return kernel, bias, sizes
+
+
 def ends_in_softmax(model: Any) -> bool:
     last = model.layers[-1]
     activation = getattr(last, "activation", None)

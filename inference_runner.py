@@ -12,6 +12,7 @@ import argparse
 import collections
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -226,6 +227,64 @@ class FeatureGate:
                    float(data["quantile"]))
 
 
+def _softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+    return shifted / shifted.sum(axis=-1, keepdims=True)
+
+
+def _entropy(probs: np.ndarray) -> np.ndarray:
+    return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=-1)
+
+
+@dataclass(frozen=True)
+class MemberGate:
+    """Out-of-distribution gate of an ensemble (``training.ensemble``): how much its members disagree.
+
+    Members trained apart agree on what they learned and disagree on what neither saw. Each member's logits
+    are its block of the embedding through its block of the final layer (times the number of members, plus
+    the shared bias); the disagreement is their Jensen-Shannon divergence at ``temperature`` (entropy of the
+    mean distribution minus the mean entropy). Fitted on calibration files alone: ``max_divergence`` is the
+    ``quantile`` of theirs.
+    """
+
+    kernel: np.ndarray  # (E, K) the final layer's kernel, member blocks in embedding order
+    bias: np.ndarray  # (K,)
+    sizes: tuple[int, ...]  # each member's embedding width
+    temperature: float
+    max_divergence: float
+    quantile: float
+
+    def divergence(self, embeddings: np.ndarray) -> np.ndarray:
+        edges = np.cumsum((0, *self.sizes))
+        members = [_softmax((len(self.sizes) * embeddings[:, a:b] @ self.kernel[a:b] + self.bias) / self.temperature)
+                   for a, b in itertools.pairwise(edges)]
+        return _entropy(np.mean(members, axis=0)) - np.mean([_entropy(m) for m in members], axis=0)
+
+    def is_outside(self, embeddings: np.ndarray) -> np.ndarray:
+        return self.divergence(embeddings) > self.max_divergence
+
+    @classmethod
+    def fit(cls, embeddings: np.ndarray, kernel: np.ndarray, bias: np.ndarray, sizes: Sequence[int],
+            temperature: float, quantile: float = 0.95) -> MemberGate:
+        if sum(sizes) != kernel.shape[0] or len(sizes) < 2:
+            raise ValueError(f"member widths {list(sizes)} do not split a final layer of {kernel.shape[0]} inputs")
+        unfitted = cls(np.asarray(kernel, dtype=np.float64), np.asarray(bias, dtype=np.float64), tuple(sizes),
+                       temperature, np.inf, quantile)
+        return dataclasses.replace(unfitted, max_divergence=float(np.quantile(unfitted.divergence(embeddings),
+                                                                              quantile)))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "ensemble_divergence", "sizes": list(self.sizes), "temperature": self.temperature,
+                "quantile": self.quantile, "max_divergence": self.max_divergence, "bias": self.bias.tolist(),
+                "kernel": self.kernel.tolist()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MemberGate:
+        return cls(np.asarray(data["kernel"], dtype=np.float64), np.asarray(data["bias"], dtype=np.float64),
+                   tuple(int(n) for n in data["sizes"]), float(data["temperature"]), float(data["max_divergence"]),
+                   float(data["quantile"]))
+
+
 @dataclass(frozen=True)
 class HduRef:
     """One image HDU of a FITS file (``--hdu all``: each CCD of a mosaic is classified on its own)."""
@@ -294,6 +353,7 @@ class OperatingPoint:
     ood_classifier: OodClassifier | None = None
     litert_sha256: str | None = None  # the LiteRT export of the model, checked against Keras when pinned
     feature_gate: FeatureGate | None = None
+    member_gate: MemberGate | None = None  # ensembles only
 
     def set_quantile(self, tta: bool) -> np.ndarray | float | None:
         """The conformal quantile(s) of the prediction sets (None when the file has none of this version)."""
@@ -307,7 +367,7 @@ class OperatingPoint:
         """Per file (rows of ``embeddings`` and of the scaled ``features``): inside every out-of-distribution
         gate this operating point has."""
         inside = np.ones(len(embeddings), dtype=bool)
-        for gate in (self.ood_gate, self.ood_classifier):
+        for gate in (self.ood_gate, self.ood_classifier, self.member_gate):
             if gate is not None:
                 inside &= ~gate.is_outside(embeddings)
         if self.feature_gate is not None:
@@ -339,13 +399,14 @@ class OperatingPoint:
             gate = OodGate.from_json(document["ood_gate"]) if document.get("ood_gate") else None
             learned = OodClassifier.from_json(document["ood_classifier"]) if document.get("ood_classifier") else None
             features = FeatureGate.from_json(document["feature_gate"]) if document.get("feature_gate") else None
+            members = MemberGate.from_json(document["member_gate"]) if document.get("member_gate") else None
             sets = document.get("prediction_sets")
             if sets and sets.get("method") != SET_METHOD:
                 logger.warning("%s: prediction sets of method %r are not this version's %r: records get none "
                                "until you recalibrate", path, sets.get("method"), SET_METHOD)
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
                        document.get("scaler_sha256"), gate, str(path), document, learned,
-                       document.get("litert_sha256"), features)
+                       document.get("litert_sha256"), features, members)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
 

@@ -75,12 +75,15 @@ def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[st
     np.testing.assert_array_equal(features["keras"], features["litert"])  # decoded the same, whatever the backend
     op = shipped["keras"].operating_point
     assert op.ood_gate is not None and op.ood_classifier is not None and op.feature_gate is not None
+    assert op.member_gate is not None  # the shipped model is a two-member ensemble
     np.testing.assert_array_equal(op.inside(embeddings["keras"], features["keras"]),
                                   op.inside(embeddings["litert"], features["litert"]))
     assert np.abs(embeddings["keras"] - embeddings["litert"]).max() < 1e-3
     # the gates' scores, not only their decisions, agree far more closely than their margins
     np.testing.assert_allclose(op.ood_classifier.logit(embeddings["litert"]), op.ood_classifier.logit(
         embeddings["keras"]), atol=1e-3)
+    np.testing.assert_allclose(op.member_gate.divergence(embeddings["litert"]),
+                               op.member_gate.divergence(embeddings["keras"]), atol=1e-4)
 
 
 def test_softmax_head_exports_as_probabilities(tiny_artifacts: dict[str, Path], tmp_path: Path,

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import joblib
 import numpy as np
 import pytest
+from scipy.spatial.distance import jensenshannon
 from sklearn.preprocessing import StandardScaler
 
+import calibration
 import data_loader
-from backends import KerasBackend, embedding_tensor, export_difference, export_litert, load_keras_model
+import inference_runner as ir
+from backends import KerasBackend, embedding_tensor, ensemble_head, export_difference, export_litert, load_keras_model
 from training.ensemble import main, merge
 from training.train import MODEL_NAME, SCALER_NAME, build_model
 
@@ -78,3 +82,57 @@ def test_command_refuses_members_with_other_scalers(tmp_path: Path, capsys: pyte
     assert main(["--member", str(a), "--member", str(b), "--out", str(tmp_path / "out")]) == 2
     assert "scalers differ" in capsys.readouterr().err
     assert not (tmp_path / "out" / MODEL_NAME).exists()
+
+
+def _gate_head() -> tuple[np.ndarray, np.ndarray]:
+    """A final layer over two 2-wide member embeddings and 3 classes (the merged head: member kernels / 2)."""
+    member_kernel = np.array([[2.0, 0.0, -1.0], [0.0, 1.0, 1.0]])
+    return np.vstack([member_kernel, member_kernel]) / 2, np.array([0.1, -0.2, 0.0])
+
+
+def test_member_gate_is_the_jensen_shannon_divergence_of_the_members() -> None:
+    kernel, bias = _gate_head()
+    gate = ir.MemberGate(kernel, bias, (2, 2), temperature=0.5, max_divergence=0.1, quantile=0.95)
+    agree, disagree = [1.0, 0.5, 1.0, 0.5], [3.0, 0.0, 0.0, 3.0]
+    divergence = gate.divergence(np.array([agree, disagree]))
+    assert divergence[0] == pytest.approx(0.0, abs=1e-12)
+    softmax = lambda z: np.exp(z) / np.exp(z).sum()  # noqa: E731
+    members = [softmax((np.array(disagree[i:i + 2]) @ (2 * kernel[i:i + 2]) + bias) / 0.5) for i in (0, 2)]
+    assert divergence[1] == pytest.approx(jensenshannon(*members) ** 2, rel=1e-9)  # scipy: sqrt of JSD, base e
+    np.testing.assert_array_equal(gate.is_outside(np.array([agree, disagree])), [False, True])
+
+
+def test_member_gate_fits_its_quantile_and_survives_the_thresholds_file(tmp_path: Path) -> None:
+    kernel, bias = _gate_head()
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(400, 2))
+    calibration_embeddings = np.hstack([shared, shared + rng.normal(0, 0.1, (400, 2))])  # members nearly agree
+    gate = ir.MemberGate.fit(calibration_embeddings, kernel, bias, [2, 2], temperature=1.0, quantile=0.9)
+    assert gate.is_outside(calibration_embeddings).mean() == pytest.approx(0.1, abs=0.01)
+    unlike = np.array([[4.0, -4.0, -4.0, 4.0]])
+    assert gate.is_outside(unlike)[0]
+    with pytest.raises(ValueError, match="do not split"):
+        ir.MemberGate.fit(calibration_embeddings, kernel, bias, [3, 2], temperature=1.0)
+    document = {"class_names": ["a", "b", "c"], "temperature": 1.0, "member_gate": gate.to_json(),
+                "operating_points": {key: {"thresholds": {"a": 0.0, "b": 0.0, "c": 0.0}} for key in ("tta", "no_tta")}}
+    path = tmp_path / "thresholds.json"
+    path.write_text(json.dumps(document))
+    op = ir.OperatingPoint.load(path)
+    assert (op.member_gate.sizes, op.member_gate.max_divergence) == (gate.sizes, gate.max_divergence)
+    np.testing.assert_array_equal(op.inside(np.vstack([calibration_embeddings[:3], unlike]), None),
+                                  ~gate.is_outside(np.vstack([calibration_embeddings[:3], unlike])))
+    assert not op.inside(unlike, None)[0]
+
+
+def test_member_gate_is_fitted_for_a_merged_model_only(tmp_path: Path) -> None:
+    single, merged = tmp_path / "single.keras", tmp_path / "merged.keras"
+    _member(0).save(single)
+    merge([_member(0), _member(1)]).save(merged)
+    kernel, bias, sizes = ensemble_head(load_keras_model(merged))
+    assert sizes == [96, 96] and kernel.shape == (192, 5) and bias.shape == (5,)
+    assert ensemble_head(load_keras_model(single)) is None
+    embeddings = np.random.default_rng(0).normal(size=(50, 192))
+    gate = calibration.fit_member_gate(merged, embeddings, 0.6, 0.95)
+    assert gate is not None and gate.sizes == (96, 96) and gate.temperature == 0.6
+    assert calibration.fit_member_gate(single, embeddings[:, :96], 0.6, 0.95) is None
+    assert calibration.fit_member_gate(merged, embeddings, 0.6, None) is None

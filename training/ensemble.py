@@ -25,7 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from backends import ArtifactError, describe_inputs, embedding_tensor, final_layer, import_keras, load_keras_model
+from backends import (
+    MEMBER_PREFIX,
+    ArtifactError,
+    describe_inputs,
+    embedding_tensor,
+    final_layer,
+    import_keras,
+    load_keras_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +55,7 @@ def merge(members: Sequence, name: str = "multimodal_ensemble"):
     for index, member in enumerate(members):
         if describe_inputs(member, Path(member.name))[:2] != (image_name, feature_name):
             raise ValueError(f"member {index} has other input names than member 0")
-        trunk = keras.Model(member.inputs, embedding_tensor(member), name=f"member_{index}")
+        trunk = keras.Model(member.inputs, embedding_tensor(member), name=f"{MEMBER_PREFIX}{index}")
         embeddings.append(trunk([inputs[tensor.name.split(":")[0]] for tensor in member.inputs]))
     head = keras.layers.Dense(heads[0][0].shape[1], name="logits")
     logits = head(keras.layers.Concatenate(name="embedding")(embeddings))

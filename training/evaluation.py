@@ -100,8 +100,10 @@ def ood_by_kind(service: ir.ClassifierService, ood_dir: Path, temperature: float
     result = {}
     for kind, data in ood_embeddings(service, ood_dir).items():
         result[kind] = calibration.ood_abstention(op, names, data, temperature)
-        for column, gates_left_out in (("mahalanobis_only", {"ood_classifier": None, "feature_gate": None}),
-                                       ("without_feature_gate", {"feature_gate": None})):
+        for column, gates_left_out in (("mahalanobis_only", {"ood_classifier": None, "feature_gate": None,
+                                                              "member_gate": None}),
+                                       ("without_feature_gate", {"feature_gate": None}),
+                                       ("without_member_gate", {"member_gate": None})):
             result[kind][f"abstained_fraction_{column}"] = calibration.ood_abstention(
                 dataclasses.replace(op, **gates_left_out), names, data, temperature)["abstained_fraction"]
         result[kind]["held_out"] = op.ood_classifier is None or kind not in op.ood_classifier.kinds
