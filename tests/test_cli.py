@@ -159,11 +159,13 @@ def test_tensorflow_start_up_lines_only_with_verbose(tiny_artifacts: dict[str, P
 
     quiet = run()
     assert quiet.returncode == 0, quiet.stderr
-    for chatter in ("oneDNN", "cuInit", "absl", "cuda", "I0000", "E0000"):
-        assert chatter not in quiet.stderr, quiet.stderr
+    chatter = ("oneDNN", "cuInit", "absl", "cuda", "I0000", "E0000")
+    for line in chatter:
+        assert line not in quiet.stderr, quiet.stderr
     assert "corrupt.fits" in quiet.stderr, "the tool's own warnings still show"
     verbose = run("--verbose")
-    assert verbose.returncode == 0 and "oneDNN" in verbose.stderr
+    # TensorFlow's start-up lines depend on the CPU (oneDNN's only on some); any one shows they are let through.
+    assert verbose.returncode == 0 and any(line in verbose.stderr for line in chatter), verbose.stderr
 
     version = subprocess.run([sys.executable, str(root / "cli.py"), "--version"], capture_output=True, text=True)
     assert version.returncode == 0 and version.stdout.strip() == f"inference-runner {ir.__version__}"
