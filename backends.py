@@ -151,7 +151,7 @@ def embedding_tensor(model: Any) -> Any:
     return final_layer(model).input
 
 
-MEMBER_PREFIX = "member_"  # training.ensemble names each member's sub-model so
+MEMBER_PREFIX = "member_"  # training.ensemble names each member's sub-model with this prefix
 
 
 def ensemble_head(model: Any) -> tuple[np.ndarray, np.ndarray, list[int]] | None:

@@ -227,11 +227,6 @@ class FeatureGate:
                    float(data["quantile"]))
 
 
-def _softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-    return shifted / shifted.sum(axis=-1, keepdims=True)
-
-
 def _entropy(probs: np.ndarray) -> np.ndarray:
     return -(probs * np.log(np.clip(probs, 1e-12, None))).sum(axis=-1)
 
@@ -256,9 +251,10 @@ class MemberGate:
 
     def divergence(self, embeddings: np.ndarray) -> np.ndarray:
         edges = np.cumsum((0, *self.sizes))
-        members = [_softmax((len(self.sizes) * embeddings[:, a:b] @ self.kernel[a:b] + self.bias) / self.temperature)
-                   for a, b in itertools.pairwise(edges)]
-        return _entropy(np.mean(members, axis=0)) - np.mean([_entropy(m) for m in members], axis=0)
+        logits = np.stack([len(self.sizes) * embeddings[:, a:b] @ self.kernel[a:b] + self.bias
+                           for a, b in itertools.pairwise(edges)], axis=1)  # (N, members, K)
+        members = calibrated_probs(logits[..., None, :], self.temperature)  # one "view" each: per-member softmax
+        return _entropy(members.mean(axis=1)) - _entropy(members).mean(axis=1)
 
     def is_outside(self, embeddings: np.ndarray) -> np.ndarray:
         return self.divergence(embeddings) > self.max_divergence
