@@ -350,6 +350,13 @@ class OperatingPoint:
     litert_sha256: str | None = None  # the LiteRT export of the model, checked against Keras when pinned
     feature_gate: FeatureGate | None = None
     member_gate: MemberGate | None = None  # ensembles only
+    class_bias: tuple[float, ...] | None = None  # added to the logits / T before softmax (None: zeros)
+
+    def probabilities(self, view_logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
+        """Calibrated class probabilities of (..., V, K) view logits: this point's class bias and ``temperature``
+        (default: the calibrated one)."""
+        return calibrated_probs(view_logits, self.temperature if temperature is None else temperature,
+                                self.class_bias)
 
     def set_quantile(self, tta: bool) -> np.ndarray | float | None:
         """The conformal quantile(s) of the prediction sets (None when the file has none of this version)."""
@@ -400,9 +407,13 @@ class OperatingPoint:
             if sets and sets.get("method") != SET_METHOD:
                 logger.warning("%s: prediction sets of method %r are not this version's %r: records get none "
                                "until you recalibrate", path, sets.get("method"), SET_METHOD)
+            bias = document.get("class_bias")
+            if bias is not None and len(bias) != len(names):
+                raise ValueError(f"class_bias has {len(bias)} values for {len(names)} classes")
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
                        document.get("scaler_sha256"), gate, str(path), document, learned,
-                       document.get("litert_sha256"), features, members)
+                       document.get("litert_sha256"), features, members,
+                       None if bias is None else tuple(float(b) for b in bias))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
 
@@ -683,7 +694,7 @@ class ClassifierService:
         fingerprint = scored.fingerprint
         if scored.view_logits is None:
             return PredictionRecord.failure(scored.path, scored.error or "unknown error", fingerprint, scored.hdu)
-        probs = calibrated_probs(scored.view_logits, temperature)
+        probs = self.operating_point.probabilities(scored.view_logits, temperature)
         top = int(np.argmax(probs))
         top_class = self.class_names[top]
         score = float(probs[top])
@@ -791,9 +802,12 @@ def _hdu_of(ref: HduRef | None, info: dict[str, Any] | None) -> dict[str, Any] |
     return None
 
 
-def calibrated_probs(view_logits: np.ndarray, temperature: float) -> np.ndarray:
-    """Mean over the view axis of softmax(logits / T); (..., V, K) -> (..., K)."""
+def calibrated_probs(view_logits: np.ndarray, temperature: float,
+                     class_bias: Sequence[float] | np.ndarray | None = None) -> np.ndarray:
+    """Mean over the view axis of softmax(logits / T + class bias); (..., V, K) -> (..., K)."""
     scaled = np.asarray(view_logits, dtype=np.float64) / temperature
+    if class_bias is not None:
+        scaled = scaled + np.asarray(class_bias, dtype=np.float64)
     scaled -= scaled.max(axis=-1, keepdims=True)
     probs = np.exp(scaled)
     probs /= probs.sum(axis=-1, keepdims=True)
@@ -1066,6 +1080,7 @@ def _report_meta(service: ClassifierService, options: RunOptions, started_at: st
         "class_names": list(op.class_names),
         "operating_point": _operating_point(service, options),
         "calibrated_temperature": op.temperature,
+        "class_bias": None if op.class_bias is None else list(op.class_bias),
         "batch_size": options.batch_size,
         "include_probs": options.include_probs,
         "input_dir": str(options.input_dir),

@@ -69,6 +69,45 @@ def test_fit_temperature_recovers_the_true_temperature() -> None:
     assert after < before and after < 0.03
 
 
+def test_class_bias_recovers_a_shift_temperature_alone_cannot() -> None:
+    rng = np.random.default_rng(2)
+    logits = rng.normal(0, 2, (6000, 1, 4))
+    true_t, true_bias = 1.5, np.array([0.0, 1.0, -0.5, -1.5])
+    probs = ir.calibrated_probs(logits, true_t, true_bias)
+    labels = np.array([rng.choice(4, p=p) for p in probs])
+    assert calibration.fit_temperature_with_bias(logits, labels) == pytest.approx(true_t, rel=0.1)
+    bias = calibration.fit_class_bias(logits, labels, true_t)
+    assert bias[0] == 0.0
+    np.testing.assert_allclose(bias, true_bias, atol=0.15)
+    t_only = calibration.fit_temperature(logits, labels)
+    assert calibration.negative_log_likelihood(logits, labels, true_t, bias) \
+        < calibration.negative_log_likelihood(logits, labels, t_only)
+
+
+def test_operating_point_applies_its_class_bias(tiny_artifacts: dict[str, Path], tmp_path: Path,
+                                                mixed_dir: Path) -> None:
+    document = json.loads(tiny_artifacts["thresholds"].read_text())
+    plain = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
+    assert plain.operating_point.class_bias is None
+    bias = [0.0, 3.0, 0.0, -2.0, 0.0]
+    biased_path = tmp_path / "biased.json"
+    biased_path.write_text(json.dumps({**document, "class_bias": bias}))
+    biased = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], biased_path)
+    assert biased.operating_point.class_bias == tuple(bias)
+    paths = [p for p in ir.scan_paths(mixed_dir)]
+    for scored, record in zip(plain.iter_scored(paths, 8, tta=True), biased.predict_paths(paths, 8, tta=True)):
+        if scored.view_logits is None:
+            continue
+        expected = ir.calibrated_probs(scored.view_logits, document["temperature"], np.array(bias))
+        assert [record.probs[name] for name in CLASS_NAMES] == pytest.approx(expected.tolist(), abs=1e-5)
+        # the bias moves mass towards the second class and away from the fourth
+        unbiased = ir.calibrated_probs(scored.view_logits, document["temperature"])
+        assert expected[1] > unbiased[1] and expected[3] <= unbiased[3]
+    biased_path.write_text(json.dumps({**document, "class_bias": [0.0, 1.0]}))
+    with pytest.raises(ir.ArtifactError, match="class_bias has 2 values for 5 classes"):
+        ir.OperatingPoint.load(biased_path)
+
+
 def test_ood_gate_flags_far_points_at_the_chosen_quantile() -> None:
     rng = np.random.default_rng(1)
     centres = rng.normal(0, 10, (3, 8))
@@ -174,6 +213,7 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
                     "--output", str(output), "--quiet", *artifacts]) == 0
     document = json.loads(output.read_text())
     assert document["class_names"] == list(CLASS_NAMES) and document["temperature"] == 0.7
+    assert len(document["class_bias"]) == 5 and document["class_bias"][0] == 0.0
     assert document["model_sha256"] == ir.sha256_of(tiny_artifacts["model"])
     assert document["calibration_data"] == {"n_files": 20, "n_failed": 1, "per_class": dict.fromkeys(CLASS_NAMES, 4)}
     for key in ("tta", "no_tta"):
@@ -190,6 +230,11 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     assert len(sets["tta"]["scores"]) == len(sets["no_tta"]["scores"]) == 20
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], output)
     assert service.operating_point.ood_gate is not None and service.operating_point.feature_gate is not None
+    assert service.operating_point.class_bias == tuple(document["class_bias"])
+    plain = tmp_path / "plain.json"
+    assert cli.main(["calibrate", "--labelled_dir", str(labelled), "--class_names", ",".join(CLASS_NAMES),
+                    "--output", str(plain), "--no_class_bias", "--quiet", *artifacts]) == 0
+    assert json.loads(plain.read_text())["class_bias"] is None
 
     out_dir = tmp_path / "eval"
     assert cli.main(["evaluate", "--labelled_dir", str(labelled), "--ood_dir", str(labelled / "nebula"),

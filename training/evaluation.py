@@ -81,7 +81,7 @@ def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.L
 def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float) -> dict[str, Any]:
     """Operating-point figures with TTA and the ECE of a (sub)set."""
     op = service.operating_point
-    probs = ir.calibrated_probs(data.view_logits, temperature)
+    probs = op.probabilities(data.view_logits, temperature)
     inside = op.inside(data.embeddings, data.features)
     metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[True],
                                                   inside)

@@ -195,8 +195,8 @@ def model_card(args: argparse.Namespace, names: list[str], evaluation: dict[str,
 * Data: `{args.labelled_dir}`; classes {", ".join(names)}; split by object (seed {args.seed}):
   `{json.dumps(evaluation["split"])}`. Unreadable files skipped: {len(evaluation["unreadable"])}.
 * Start: `{evaluation["start"]}`; recipe `{json.dumps(evaluation["recipe"])}`; {evaluation["seconds"]:.0f} s.
-* Operating point (`{THRESHOLDS_FILE}`): temperature {evaluation["temperature"]} (fitted), target precision
-  {args.target_precision} on the calibration files ({_precision_rule(args)}), a Mahalanobis
+* Operating point (`{THRESHOLDS_FILE}`): temperature {evaluation["temperature"]} and a per-class bias (fitted),
+  target precision {args.target_precision} on the calibration files ({_precision_rule(args)}), a Mahalanobis
   out-of-distribution gate at the 0.95 quantile, a learned gate against {", ".join(train.OUTLIER_KINDS)} and a
   feature gate (20 nearest calibration files).
 
