@@ -2,11 +2,13 @@
 
 Kinds: photographs bundled with scikit-image (astronomical ones excluded),
 photographs from another source (scikit-learn's and matplotlib's sample
-images), the Moon, text pages, noise, gradients, checkerboards and stripes,
-planet-like discs, spectrum-like stripes and radio-map-like blobs; each in
+images), desktop wallpapers (Debian packages, when installed), the Moon, text
+pages, noise, gradients, checkerboards and stripes, planet-like discs,
+spectrum-like stripes and radio-map-like blobs; each in
 crops, rotations and sizes. Written as RGB/grey TIFF and float FITS, the
-formats a misfiled non-astronomical image arrives in. The OOD gate is fitted
-on in-distribution embeddings only, so every kind here is held out from it.
+formats a misfiled non-astronomical image arrives in. Training shows the kinds
+``training.train.OUTLIER_KINDS`` names (outlier exposure, learned gate); the
+others are held out for evaluation.
 """
 
 from __future__ import annotations
@@ -57,6 +59,32 @@ def other_photographs() -> list[np.ndarray]:
                 with Image.open(path) as image:
                     found.append(np.asarray(image.convert("L"), dtype=np.float32))
     return found
+
+
+WALLPAPERS = (Path("/usr/share/backgrounds/mate/nature"), Path("/usr/share/wallpapers"))
+NOT_OUT_OF_DISTRIBUTION = {"MilkyWay"}  # a star-dotted wallpaper: too close to the taxonomy's sky
+WALLPAPER_WIDTH = 1600  # the largest wallpapers are 5120 px wide; crops of 1600 px are plenty
+
+
+def wallpapers(folders: tuple[Path, ...] = WALLPAPERS) -> list[np.ndarray]:
+    """Greyscale desktop wallpapers, photographs and illustrations, from Debian's ``mate-backgrounds`` (nature
+    photographs) and ``plasma-workspace-wallpapers`` (the largest image of each); empty when not installed."""
+    Image.MAX_IMAGE_PIXELS = None  # trusted system files of up to 5120 x 2880
+    files = []
+    for folder in folders:
+        files += sorted(folder.glob("*.jpg"))
+        for theme in sorted(folder.glob("*/contents/images")):
+            if theme.parts[-3] not in NOT_OUT_OF_DISTRIBUTION:
+                files.append(max(theme.iterdir(), key=lambda path: path.stat().st_size))
+    images = []
+    for path in files:
+        with Image.open(path) as image:
+            image.draft("L", (WALLPAPER_WIDTH, WALLPAPER_WIDTH))
+            grey = image.convert("L")
+            if grey.width > WALLPAPER_WIDTH:
+                grey = grey.resize((WALLPAPER_WIDTH, round(grey.height * WALLPAPER_WIDTH / grey.width)))
+            images.append(np.asarray(grey, dtype=np.float32))
+    return images
 
 
 def moon() -> list[np.ndarray]:
@@ -172,6 +200,9 @@ def ood_images(seed: int = 7, per_photo: int = 5, per_synthetic: int = 30) -> li
             images += [(kind, f"{kind}{index:03d}_{k}", crop) for k, crop in enumerate(variants)]
     for kind, make in SYNTHETIC.items():
         images += [(kind, f"{kind}_{k:03d}", make(rng, int(rng.choice((256, 384, 512))))) for k in range(per_synthetic)]
+    for index, photo in enumerate(wallpapers()):  # last, so the kinds above draw the same images as before
+        images += [("photo_wallpaper", f"photo_wallpaper{index:03d}_{k}", crop)
+                   for k, crop in enumerate(_crop_variants(photo, rng, per_photo))]
     return images
 
 
