@@ -409,7 +409,7 @@ class OperatingPoint:
                                "until you recalibrate", path, sets.get("method"), SET_METHOD)
             bias = document.get("class_bias")
             if bias is not None and len(bias) != len(names):
-                raise ValueError(f"class_bias has {len(bias)} values for {len(names)} classes")
+                raise ArtifactError(f"{path}: class_bias has {len(bias)} values for {len(names)} classes")
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
                        document.get("scaler_sha256"), gate, str(path), document, learned,
                        document.get("litert_sha256"), features, members,
