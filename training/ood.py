@@ -69,7 +69,6 @@ WALLPAPER_WIDTH = 1600  # the largest wallpapers are 5120 px wide; crops of 1600
 def wallpapers(folders: tuple[Path, ...] = WALLPAPERS) -> list[np.ndarray]:
     """Greyscale desktop wallpapers, photographs and illustrations, from Debian's ``mate-backgrounds`` (nature
     photographs) and ``plasma-workspace-wallpapers`` (the largest image of each); empty when not installed."""
-    Image.MAX_IMAGE_PIXELS = None  # trusted system files of up to 5120 x 2880
     files = []
     for folder in folders:
         files += sorted(folder.glob("*.jpg"))
