@@ -187,6 +187,16 @@ SYNTHETIC = {"text": _text_page, "noise": _noise, "gradient": _gradient, "checke
              "planet": _planet, "spectrum": _spectrum, "radio_map": _radio_map}
 
 
+def _photo_crops(kind: str, photos: list[np.ndarray], count: int, rng: np.random.Generator
+                 ) -> list[tuple[str, str, np.ndarray]]:
+    """``count`` crops of each photograph (one, the whole, of a photograph under 128 rows)."""
+    images = []
+    for index, photo in enumerate(photos):
+        variants = _crop_variants(photo, rng, count if photo.shape[0] >= 128 else 1)
+        images += [(kind, f"{kind}{index:03d}_{k}", crop) for k, crop in enumerate(variants)]
+    return images
+
+
 def ood_images(seed: int = 7, per_photo: int = 5, per_synthetic: int = 30) -> list[tuple[str, str, np.ndarray]]:
     """(kind, name, greyscale image) triples: photo crops per source, the Moon and synthetic patterns."""
     rng = np.random.default_rng(seed)
@@ -194,14 +204,11 @@ def ood_images(seed: int = 7, per_photo: int = 5, per_synthetic: int = 30) -> li
     for kind, photos, count in (("photo_skimage", photographs(), per_photo),
                                 ("photo_other", other_photographs(), 4 * per_photo),
                                 ("moon", moon(), per_synthetic)):
-        for index, photo in enumerate(photos):
-            variants = _crop_variants(photo, rng, count if photo.shape[0] >= 128 else 1)
-            images += [(kind, f"{kind}{index:03d}_{k}", crop) for k, crop in enumerate(variants)]
+        images += _photo_crops(kind, photos, count, rng)
     for kind, make in SYNTHETIC.items():
         images += [(kind, f"{kind}_{k:03d}", make(rng, int(rng.choice((256, 384, 512))))) for k in range(per_synthetic)]
-    for index, photo in enumerate(wallpapers()):  # last, so the kinds above draw the same images as before
-        images += [("photo_wallpaper", f"photo_wallpaper{index:03d}_{k}", crop)
-                   for k, crop in enumerate(_crop_variants(photo, rng, per_photo))]
+    # last, so the kinds above draw the same images as before
+    images += _photo_crops("photo_wallpaper", wallpapers(), per_photo, rng)
     return images
 
 
