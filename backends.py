@@ -204,7 +204,7 @@ def _configure_tensorflow_threads(intra_op: int | None, inter_op: int | None) ->
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op or os.cpu_count() or 1)
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op or data_loader.available_cpus())
         tf.config.threading.set_inter_op_parallelism_threads(inter_op or 1)
     except RuntimeError:
         logger.debug("TensorFlow already initialised; thread settings unchanged")
@@ -233,7 +233,7 @@ class KerasBackend:
     def __init__(self, model_path: Path, threads: int | None = None, inter_op_threads: int | None = None) -> None:
         _configure_tensorflow_threads(threads, inter_op_threads)
         self.artifact = model_path
-        self.threads = threads or os.cpu_count()
+        self.threads = threads or data_loader.available_cpus()
         model = load_keras_model(model_path)
         self._image_input, self._feature_input, self.channels = describe_inputs(model, model_path)
         self.n_outputs = int(model.outputs[0].shape[-1])
@@ -269,7 +269,7 @@ class LiteRTBackend:
         from ai_edge_litert.interpreter import Interpreter
 
         self.artifact = tflite_path
-        self.threads = threads or os.cpu_count() or 1
+        self.threads = threads or data_loader.available_cpus()
         try:
             self._interpreter = Interpreter(model_path=str(tflite_path), num_threads=self.threads)
             runner = self._interpreter.get_signature_runner(SIGNATURE)

@@ -1146,3 +1146,12 @@ def tune_malloc(mmap_threshold: int = 256 << 20, trim_threshold: int = 256 << 20
     except (OSError, AttributeError):
         return False
     return bool(ok)
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: its CPU affinity and a container's CPU quota (cgroups) count, not only the
+    host's cores, so default thread counts do not oversubscribe a 2-CPU Docker or Kubernetes limit on a large
+    host (``os.cpu_count()`` reports the host). ``LOKY_MAX_CPU_COUNT`` caps it too (joblib's loky counts)."""
+    import joblib
+
+    return max(1, int(joblib.cpu_count()))

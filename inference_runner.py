@@ -540,7 +540,7 @@ class ClassifierService:
         self.model_path = Path(model_path or DEFAULT_MODEL_PATH)
         self.scaler_path = Path(scaler_path or DEFAULT_SCALER_PATH)
         self.thresholds_path = None if operating_point else Path(thresholds_path or DEFAULT_THRESHOLDS_PATH)
-        self.workers = max(1, workers or os.cpu_count() or 1)
+        self.workers = max(1, workers or data_loader.available_cpus())
         self.hdu = hdu
         self.max_pixels = max_pixels
         self.header_keys = tuple(key.upper() for key in header_keys)

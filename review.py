@@ -15,7 +15,6 @@ import html
 import io
 import json
 import logging
-import os
 import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -141,7 +140,7 @@ def render_page(meta: dict[str, Any], records: list[dict[str, Any]], report_path
     shown = {name: _shown(items, per_gallery) for name, items in sorted(galleries.items())}
     queue_shown, queue_left = _shown(queue, per_gallery)
     wanted = [r["path"] for items, _ in shown.values() for r in items] + [r["path"] for r in queue_shown]
-    with ThreadPoolExecutor(workers or os.cpu_count() or 1, thread_name_prefix="thumbnail") as pool:
+    with ThreadPoolExecutor(workers or data_loader.available_cpus(), thread_name_prefix="thumbnail") as pool:
         images = dict(zip(wanted, pool.map(thumbnail, wanted)))
     counts = {name: len(items) for name, items in sorted(galleries.items())}
     counts_with_states = {**counts, UNKNOWN: len(queue), "failed": len(failed)}

@@ -138,8 +138,8 @@ def main() -> int:
         child(args)
         return 0
     repeats = 5 if args.quick else args.repeats
-    print(f"data_loader benchmark: {os.cpu_count()} CPUs, single-thread ms per file (median of {repeats}), "
-          f"features included")
+    print(f"data_loader benchmark: {data_loader.available_cpus()} CPUs, single-thread ms per file "
+          f"(median of {repeats}), features included")
     print(f"{'variant':<18}{'size':>6}{'ms/file':>9}{'target':>8}{'extra mem':>11}{'2thr/main':>11}{'2thr/1thr':>11}"
           f"{'untuned ms':>12}{'malloc gain':>13}")
     failures = []

@@ -166,8 +166,8 @@ def main() -> int:
     if args.measure:
         print(json.dumps(measure(args, sorted(args.files_dir.iterdir()))))
         return 0
-    print(f"pipeline benchmark: {os.cpu_count()} CPUs, {args.files} files of {args.size}x{args.size} {args.variant}, "
-          f"batch {args.batch_size}, model {args.model_path.name}")
+    print(f"pipeline benchmark: {data_loader.available_cpus()} CPUs, {args.files} files of "
+          f"{args.size}x{args.size} {args.variant}, batch {args.batch_size}, model {args.model_path.name}")
     targets = args.variant == "fits_float32"  # the service's targets are set on float32 FITS
     with tempfile.TemporaryDirectory() as scratch:
         make_files(Path(scratch), args.files, args.size, args.variant)

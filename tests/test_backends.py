@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -235,3 +238,29 @@ def test_a_three_channel_model_sees_the_grey_plane_in_every_channel_on_both_back
     for a, b in zip(keras_service.predict_paths(paths), lite_service.predict_paths(paths)):
         assert a.label == b.label
         assert max(abs(a.probs[c] - b.probs[c]) for c in CLASS_NAMES) <= PROB_TOLERANCE
+
+
+ONE_CPU_SCRIPT = """
+import json, os
+os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})  # as `taskset -c 0` or a container's cpuset would
+import data_loader, inference_runner as ir
+service = ir.ClassifierService(backend="litert")
+print(json.dumps({"host": os.cpu_count(), "usable": data_loader.available_cpus(),
+                  "workers": service.workers, "threads": service.backend.threads}))
+"""
+
+
+def test_default_threads_follow_the_cpus_the_process_may_use_not_the_host() -> None:
+    done = subprocess.run([sys.executable, "-c", ONE_CPU_SCRIPT], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert counts["host"] == os.cpu_count()
+    assert (counts["usable"], counts["workers"], counts["threads"]) == (1, 1, 1)
+
+
+def test_loky_max_cpu_count_caps_the_default_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOKY_MAX_CPU_COUNT", "1")
+    assert ir.data_loader.available_cpus() == 1
+    monkeypatch.delenv("LOKY_MAX_CPU_COUNT")
+    assert 1 <= ir.data_loader.available_cpus() <= len(os.sched_getaffinity(0))

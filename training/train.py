@@ -20,7 +20,6 @@ import argparse
 import itertools
 import json
 import logging
-import os
 import sys
 import tempfile
 import time
@@ -112,7 +111,7 @@ def _real_smalls(job: tuple[Path, int | None]) -> list[np.ndarray] | str:
     return smalls if band is None else [*smalls, band]
 
 
-def simulated_dataset(per_class: int, seed: int, workers: int = os.cpu_count() or 1) -> Dataset:
+def simulated_dataset(per_class: int, seed: int, workers: int = data_loader.available_cpus()) -> Dataset:
     """Simulate ``per_class`` files of each class, write them as archive files and read them back."""
     jobs = [(label_index, index, seed) for index in range(per_class) for label_index in range(len(CLASS_NAMES))]
     with ProcessPoolExecutor(max_workers=workers, initializer=data_loader.tune_malloc) as pool:
@@ -121,7 +120,7 @@ def simulated_dataset(per_class: int, seed: int, workers: int = os.cpu_count() o
 
 
 def real_dataset(files: list[LabelledFile], class_names: list[str], single_bands: bool = False,
-                 workers: int = os.cpu_count() or 1) -> tuple[Dataset, list[tuple[str, str]]]:
+                 workers: int = data_loader.available_cpus()) -> tuple[Dataset, list[tuple[str, str]]]:
     """Read real labelled files (and, with ``single_bands``, one single-band view of each colour photograph);
     unreadable ones are returned as (path, cause) and left out."""
     jobs = [(f.path, index if single_bands else None) for index, f in enumerate(files)]
@@ -136,7 +135,7 @@ def real_dataset(files: list[LabelledFile], class_names: list[str], single_bands
                    np.array([f.source for f, _ in kept])), failed
 
 
-def outlier_dataset(ood_dir: Path, kinds: list[str], workers: int = os.cpu_count() or 1) -> Dataset:
+def outlier_dataset(ood_dir: Path, kinds: list[str], workers: int = data_loader.available_cpus()) -> Dataset:
     """Out-of-distribution images of ``kinds`` (sub-folders of ``ood_dir``) for outlier exposure."""
     files = [LabelledFile(path, OUTLIER_LABEL, kind, path.name) for kind in kinds
              for path in sorted((ood_dir / kind).iterdir())]
@@ -158,7 +157,8 @@ def cap_per_source_class(files: list[LabelledFile], cap: int, seed: int = 0) -> 
     return kept
 
 
-def write_labelled_directory(directory: Path, per_class: int, seed: int, workers: int = os.cpu_count() or 1) -> Path:
+def write_labelled_directory(directory: Path, per_class: int, seed: int,
+                             workers: int = data_loader.available_cpus()) -> Path:
     """A labelled directory (one sub-folder per class) for calibration and evaluation."""
     jobs = [(label_index, index) for index in range(per_class) for label_index in range(len(CLASS_NAMES))]
     with ProcessPoolExecutor(max_workers=workers) as pool:
