@@ -196,7 +196,7 @@ def describe_inputs(model: Any, path: Path) -> tuple[str, str, int]:
     return image.name.split(":")[0], features.name.split(":")[0], channels
 
 
-def _configure_tensorflow_threads(intra_op: int | None, inter_op: int | None) -> None:
+def _configure_tensorflow_threads(intra_op: int, inter_op: int | None) -> None:
     """Thread pools must be set before TensorFlow runs its first op; later calls are ignored."""
     if os.environ.get("KERAS_BACKEND", "tensorflow") != "tensorflow":
         return
@@ -204,7 +204,7 @@ def _configure_tensorflow_threads(intra_op: int | None, inter_op: int | None) ->
     import tensorflow as tf
 
     try:
-        tf.config.threading.set_intra_op_parallelism_threads(intra_op or data_loader.available_cpus())
+        tf.config.threading.set_intra_op_parallelism_threads(intra_op)
         tf.config.threading.set_inter_op_parallelism_threads(inter_op or 1)
     except RuntimeError:
         logger.debug("TensorFlow already initialised; thread settings unchanged")
@@ -231,9 +231,9 @@ class KerasBackend:
     name = "keras"
 
     def __init__(self, model_path: Path, threads: int | None = None, inter_op_threads: int | None = None) -> None:
-        _configure_tensorflow_threads(threads, inter_op_threads)
-        self.artifact = model_path
         self.threads = threads or data_loader.available_cpus()
+        _configure_tensorflow_threads(self.threads, inter_op_threads)
+        self.artifact = model_path
         model = load_keras_model(model_path)
         self._image_input, self._feature_input, self.channels = describe_inputs(model, model_path)
         self.n_outputs = int(model.outputs[0].shape[-1])
