@@ -151,6 +151,10 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
     assert "clouds, spirals, trails always abstain" in printed.err and "--precision_confidence 0" in printed.err
     evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert set(evaluation["split"]) == set(real_data.SPLITS)
+    assert {k: v["sha256"] for k, v in evaluation["artifacts"].items()} == {
+        "model": thresholds["model_sha256"], "scaler": thresholds["scaler_sha256"],
+        "thresholds": ir.sha256_of(out / "thresholds.json"), "backend": thresholds["litert_sha256"]}, \
+        "the evaluation names what it evaluated: the files written, on LiteRT"
     assert evaluation["unreadable"][0]["path"].endswith("broken.fits")
     assert evaluation["ood_by_kind"] and all(0 <= v["abstained_fraction"] <= 1
                                              for v in evaluation["ood_by_kind"].values())

@@ -1,0 +1,69 @@
+"""The shipped evaluation belongs to the shipped files, and the figures README and MODEL_CARD quote are its own.
+
+Training is too slow for CI, so the figures are measured once (the model card's command) and written to
+``evaluation/evaluation.json``; these tests catch a model, scaler or thresholds file changed without a new
+evaluation, and documents left quoting an older one.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from backends import sha256_of
+
+ROOT = Path(__file__).resolve().parent.parent
+EVALUATION = json.loads((ROOT / "evaluation" / "evaluation.json").read_text())
+SUMMARY = EVALUATION["summary"]
+README = (ROOT / "README.md").read_text()
+MODEL_CARD = (ROOT / "MODEL_CARD.md").read_text()
+
+
+def percent(fraction: float) -> str:
+    return f"{100 * fraction:.1f}%"
+
+
+@pytest.mark.parametrize("artifact", ["model", "scaler", "thresholds", "backend"])
+def test_evaluation_is_of_the_shipped_files(artifact: str) -> None:
+    recorded = EVALUATION["artifacts"][artifact]
+    shipped = ROOT / recorded["file"]
+    assert shipped.is_file(), f"evaluation.json names {recorded['file']}, which is not shipped"
+    assert sha256_of(shipped) == recorded["sha256"], f"{shipped.name} changed after the shipped evaluation"
+
+
+def test_evaluation_ran_on_the_default_files() -> None:
+    thresholds = json.loads((ROOT / EVALUATION["artifacts"]["thresholds"]["file"]).read_text())
+    assert EVALUATION["artifacts"]["model"]["file"] == thresholds["model_file"]
+    assert EVALUATION["artifacts"]["thresholds"]["file"] == "thresholds_prod_precision.json"
+    assert EVALUATION["temperature"] == thresholds["temperature"]
+
+
+def test_readme_headline_is_the_real_validation() -> None:
+    real = SUMMARY["real_validation"]
+    match = re.search(r"On ([\d,]+) real validation images it labels ([\d.]+%) and\s+([\d.]+%) of those labels",
+                      README)
+    assert match, "README's headline sentence about real validation is gone"
+    assert match.groups() == (f"{real['n']:,}", percent(real["coverage"]), percent(real["selective_accuracy"]))
+
+
+def test_model_card_real_validation_row() -> None:
+    real = SUMMARY["real_validation"]
+    row = re.search(r"\| \*\*all real validation\*\* \| ([\d,]+) \| \*\*([\d.]+)\*\* \| \*\*([\d.]+)\*\* \|",
+                    MODEL_CARD)
+    assert row, "MODEL_CARD's 'all real validation' row is gone"
+    assert row.groups() == (f"{real['n']:,}", f"{real['coverage']:.3f}", f"{real['selective_accuracy']:.3f}")
+    assert f"validation at the operating point: **{real['ece']:.3f}**" in MODEL_CARD
+
+
+def test_model_card_out_of_distribution_table() -> None:
+    for kind, abstained in SUMMARY["ood_abstained_by_kind"].items():
+        row = re.search(rf"^\| {kind} \| [^|]+ \| ([\d.]+%) \|", MODEL_CARD, re.MULTILINE)
+        assert row, f"MODEL_CARD's out-of-distribution table has no row for {kind}"
+        assert row.group(1) == percent(abstained), kind
+
+
+def test_model_card_simulated_coverage() -> None:
+    assert f"simulated coverage {SUMMARY['simulated_test']['coverage']:.3f} (target 0.85" in MODEL_CARD
