@@ -14,7 +14,7 @@ import cli
 import data_loader
 import inference_runner as ir
 from report import load_schema
-from training import real_data
+from training import real_data, train, user_train
 from training.augment import style_augment
 from training.simulator import render_frame, write_frame
 from training.train import Dataset, build_model, epoch_indices, with_head
@@ -104,6 +104,38 @@ def test_single_band_views_of_colour_photographs(tmp_path: Path) -> None:
     assert single_band(tmp_path / "frame.fits", np.random.default_rng(0)) is None
 
 
+def test_real_dataset_reads_a_plane_per_file_and_a_band_per_colour_photograph(tmp_path: Path) -> None:
+    rgb = np.zeros((96, 128, 3), np.uint8)
+    rgb[..., 1], rgb[20:40, 30:60, 0] = 120, 255
+    Image.fromarray(rgb).save(tmp_path / "colour.png")
+    Image.fromarray(rgb[..., 1]).save(tmp_path / "grey.png")
+    write_frame(render_frame("galaxy", 1, 64), tmp_path / "frame", "fits_float32")
+    (tmp_path / "broken.fits").write_bytes(b"<html>")
+    files = [real_data.LabelledFile(tmp_path / name, label, source, name) for name, label, source in (
+        ("colour.png", "b", "web"), ("broken.fits", "a", "web"), ("grey.png", "a", "web"), ("frame.fits", "b", "sdss"))]
+    assert train.planes_at_most(files, single_bands=True) == 6 and train.planes_at_most(files, False) == 4
+    data, failed = train.real_dataset(files, ["a", "b"], single_bands=True, workers=1)
+    assert [path for path, _ in failed] == [str(tmp_path / "broken.fits")]
+    assert data.smalls.shape == (4, 448, 448) and np.isfinite(data.smalls).all()
+    assert data.labels.tolist() == [1, 1, 0, 1] and data.groups.tolist() == ["web", "web", "web", "sdss"]
+    np.testing.assert_array_equal(data.smalls[3], data_loader.load_small(tmp_path / "frame.fits")[0])
+    assert train.unreadable_files(files, workers=1) == failed
+
+
+def test_training_files_are_capped_per_class_by_a_seeded_choice() -> None:
+    files = [real_data.LabelledFile(Path(f"{label}/{i}.fits"), label, "tree", f"{label}{i}")
+             for label, count in (("a", 30), ("b", 5)) for i in range(count)]
+    kept = user_train.cap_training_files(files, 10, seed=0)
+    assert sum(f.label == "a" for f in kept) == 10 and [f for f in kept if f.label == "b"] == files[30:]
+    assert kept == user_train.cap_training_files(files, 10, seed=0)
+    assert kept != user_train.cap_training_files(files, 10, seed=1)
+
+
+def test_available_memory_is_read_from_the_system() -> None:
+    available = user_train.available_memory()
+    assert available is not None and 0 < available < 1 << 50
+
+
 # --------------------------------------------------------------------------- inference-runner train
 
 
@@ -135,7 +167,7 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
                                                     capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "model"
     code = cli.main(["train", "--labelled_dir", str(custom_tree), "--output_dir", str(out), "--epochs", "1",
-                    "--precision_confidence", "0.9", "--quiet"])
+                    "--precision_confidence", "0.9", "--max_files_per_class", "5", "--quiet"])
     printed = capsys.readouterr()
     assert code == ir.EXIT_OK, printed.err
     assert "broken.fits" in printed.err, "unreadable files are listed"
@@ -151,6 +183,11 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
     assert "clouds, spirals, trails always abstain" in printed.err and "--precision_confidence 0" in printed.err
     evaluation = json.loads((out / "evaluation" / "evaluation.json").read_text())
     assert set(evaluation["split"]) == set(real_data.SPLITS)
+    in_split = {name: sum(counts.get(name, 0) for counts in evaluation["split"]["train"].values())
+                for name in ("clouds", "spirals", "trails")}
+    trained = evaluation["trained_per_class"]
+    assert in_split["clouds"] > 5 and in_split["spirals"] > 5, "--max_files_per_class 5 has something to cap"
+    assert trained["clouds"] == trained["spirals"] == 5 and trained["trails"] <= 5  # broken.fits may be chosen
     assert {k: v["sha256"] for k, v in evaluation["artifacts"].items()} == {
         "model": thresholds["model_sha256"], "scaler": thresholds["scaler_sha256"],
         "thresholds": ir.sha256_of(out / "thresholds.json"), "backend": thresholds["litert_sha256"]}, \
@@ -190,6 +227,19 @@ def test_train_refuses_one_class_and_thin_classes(custom_tree: Path, tmp_path: P
     err = capsys.readouterr().err
     assert "fewer than 10 readable files: clouds (9)" in err and "bad.fits" in err
     assert not (tmp_path / "o2" / "model.keras").exists()
+
+
+def test_train_refuses_what_cannot_fit_in_memory_before_decoding(custom_tree: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setattr(user_train, "available_memory", lambda: 1_000_000_000)
+    decoded = []
+    monkeypatch.setattr(train, "real_dataset", lambda *args, **kwargs: decoded.append(args))
+    out = tmp_path / "out"
+    assert cli.main(["train", "--labelled_dir", str(custom_tree), "--output_dir", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "GB of memory" in err and "1.0 GB is available" in err and "--max_files_per_class (now 2000)" in err
+    assert not decoded and not out.exists()
 
 
 def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None:

@@ -119,27 +119,62 @@ def simulated_dataset(per_class: int, seed: int, workers: int = data_loader.avai
     return Dataset(np.stack(smalls), np.array([label for label, _, _ in jobs]), np.full(len(jobs), "sim"))
 
 
+PLANE_BYTES = data_loader.IMAGE_SIZE**2 * np.dtype(np.float32).itemsize  # one training plane in memory
+
+
+def planes_at_most(files: list[LabelledFile], single_bands: bool) -> int:
+    """How many planes ``real_dataset`` can make of ``files``: two of a colour photograph with ``single_bands``."""
+    return sum(2 if single_bands and f.path.name.lower().endswith(data_loader.PHOTO_SUFFIXES) else 1 for f in files)
+
+
 def real_dataset(files: list[LabelledFile], class_names: list[str], single_bands: bool = False,
                  workers: int = data_loader.available_cpus()) -> tuple[Dataset, list[tuple[str, str]]]:
     """Read real labelled files (and, with ``single_bands``, one single-band view of each colour photograph);
     unreadable ones are returned as (path, cause) and left out."""
     jobs = [(f.path, index if single_bands else None) for index, f in enumerate(files)]
+    # Planes go straight into one array sized for the most there can be: stacking a list would hold every plane
+    # twice, and pages never written (grey photographs, unreadable files) are never resident.
+    smalls = np.empty((planes_at_most(files, single_bands), data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE),
+                      np.float32)
+    labels: list[int] = []
+    groups: list[str] = []
+    failed: list[tuple[str, str]] = []
     with ProcessPoolExecutor(max_workers=workers, initializer=data_loader.tune_malloc) as pool:
-        loaded = list(pool.map(_real_smalls, jobs, chunksize=8))
-    failed = [(str(f.path), smalls) for f, smalls in zip(files, loaded) if isinstance(smalls, str)]
-    kept = [(f, small) for f, smalls in zip(files, loaded) if not isinstance(smalls, str) for small in smalls]
-    if not kept:
-        return Dataset(np.empty((0, data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE), np.float32),
-                       np.empty(0, int), np.empty(0, str)), failed
-    return Dataset(np.stack([small for _, small in kept]), np.array([class_names.index(f.label) for f, _ in kept]),
-                   np.array([f.source for f, _ in kept])), failed
+        for item, loaded in zip(files, pool.map(_real_smalls, jobs, chunksize=8)):
+            if isinstance(loaded, str):
+                failed.append((str(item.path), loaded))
+                continue
+            for small in loaded:
+                smalls[len(labels)] = small
+                labels.append(class_names.index(item.label))
+                groups.append(item.source)
+    return Dataset(smalls[:len(labels)], np.array(labels, dtype=int), np.array(groups, dtype=str)), failed
+
+
+def _read_error(path: Path) -> str | None:
+    try:
+        data_loader.load_small(path)
+    except data_loader.ImageLoadError as exc:
+        return exc.cause
+    return None
+
+
+def unreadable_files(files: list[LabelledFile], workers: int = data_loader.available_cpus()) -> list[tuple[str, str]]:
+    """(path, cause) of the files that cannot be read, each decoded once and let go (memory flat in their number)."""
+    with ProcessPoolExecutor(max_workers=workers, initializer=data_loader.tune_malloc) as pool:
+        causes = pool.map(_read_error, [f.path for f in files], chunksize=8)
+        return [(str(f.path), cause) for f, cause in zip(files, causes) if cause is not None]
+
+
+def outlier_files(ood_dir: Path, kinds: list[str] | tuple[str, ...]) -> list[LabelledFile]:
+    """The out-of-distribution images of ``kinds`` (sub-folders of ``ood_dir``), labelled ``OUTLIER_LABEL``."""
+    return [LabelledFile(path, OUTLIER_LABEL, kind, path.name) for kind in kinds
+            for path in sorted((ood_dir / kind).iterdir())]
 
 
 def outlier_dataset(ood_dir: Path, kinds: list[str], workers: int = data_loader.available_cpus()) -> Dataset:
     """Out-of-distribution images of ``kinds`` (sub-folders of ``ood_dir``) for outlier exposure."""
-    files = [LabelledFile(path, OUTLIER_LABEL, kind, path.name) for kind in kinds
-             for path in sorted((ood_dir / kind).iterdir())]
-    data, failed = real_dataset(files, [OUTLIER_LABEL], workers=workers)
+    data, failed = real_dataset(outlier_files(ood_dir, kinds), [OUTLIER_LABEL], workers=workers)
     for path, cause in failed:
         logger.warning("%s: outlier image unreadable: %s", path, cause)
     return Dataset(data.smalls, np.full(len(data), OUTLIER), data.groups)
@@ -377,6 +412,9 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
     for epoch in range(recipe.epochs):
         started = time.perf_counter()
         order = epoch_indices(data, n_classes, recipe.per_class, recipe.real_share, rng, recipe.outlier_share)
+        if bar is not None and epoch == 0:  # outlier draws add batches to the schedule's steps
+            bar.total = recipe.epochs * (len(order) // recipe.batch_size)
+            bar.refresh()
         losses = []
         for x, y in _batches(data, order, scaler, n_classes, recipe.batch_size, rng, recipe.mixup_alpha,
                              recipe.style_strength):

@@ -34,6 +34,7 @@ logger = logging.getLogger(__name__)
 
 MIN_FILES_PER_CLASS = 10
 MODEL_FILE, SCALER_FILE, THRESHOLDS_FILE = "model.keras", "scaler.joblib", "thresholds.json"
+TRAINING_BASE_BYTES = 2_500_000_000  # measured: TensorFlow, the model and its training steps (2.77 GB peak, 195 files)
 
 
 class TrainingInputError(ValueError):
@@ -57,6 +58,9 @@ def add_command(commands: Any) -> None:
                              "about 45 right calibration files per class, or the class always abstains)")
     parser.add_argument("--test_fraction", "--test-fraction", type=float, default=0.15)
     parser.add_argument("--calibration_fraction", "--calibration-fraction", type=float, default=0.2)
+    parser.add_argument("--max_files_per_class", "--max-files-per-class", type=ir.positive_int, default=2000,
+                        help="train on at most this many files of each class, a seeded choice (memory: about 0.8 "
+                             "MB per file, 1.6 per colour photograph); calibration and test sets are not capped")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quiet", action="store_true", help="no progress bar, warnings only")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -97,34 +101,96 @@ def train_on_directory(args: argparse.Namespace) -> dict[str, Any]:
     started = time.perf_counter()
     files = real_data.stratified_split(real_data.discover(args.labelled_dir), args.test_fraction,
                                        args.calibration_fraction, args.seed)
-    # every file is decoded here, before TensorFlow starts (the pool forks): unreadable ones are listed
-    data, unreadable = train.real_dataset([f for f in files if f.split == "train"], sorted({f.label for f in files}),
-                                          single_bands=True)
-    unreadable += _unreadable([f for f in files if f.split != "train"])
-    for path, cause in unreadable:
-        logger.warning("%s: unreadable, skipped: %s", path, cause)
-    names = check_classes(files, unreadable)
-    bad = {path for path, _ in unreadable}
-    usable = [f for f in files if str(f.path) not in bad]
-    check_splits(usable, names)
-    # the classes the start model already has ([] from scratch)
-    shipped = list(ir.OperatingPoint.load(ir.DEFAULT_THRESHOLDS_PATH).class_names) if args.start == "default" else []
-    ordered = _class_order(names, shipped)
-    data.labels = np.array([ordered.index(names[k]) for k in data.labels])
+    label_names = check_classes(files, [])  # one class, or too few files: refused before any decoding
+    training_files = cap_training_files([f for f in files if f.split == "train"], args.max_files_per_class, args.seed)
     with tempfile.TemporaryDirectory(prefix="astro-ood-") as scratch:
         ood_dir = write_ood_directory(Path(scratch) / "evaluation", per_photo=2, per_synthetic=8)
         ood_fit_dir = write_ood_directory(Path(scratch) / "fit", seed=train.OOD_FIT_SEED, per_photo=2,
                                           per_synthetic=8)
-        outliers = train.outlier_dataset(ood_fit_dir, list(train.OUTLIER_KINDS))
-        recipe = _recipe(args.start, args.epochs, [int((data.labels == k).sum()) for k in range(len(ordered))],
-                         args.seed)
-        _fit_and_save(args, data, outliers, ordered, shipped, recipe)
+        outliers = train.outlier_files(ood_fit_dir, train.OUTLIER_KINDS)
+        check_memory(training_files + outliers, args.max_files_per_class)
+        data, unreadable = read_files(training_files, outliers, [f for f in files if f.split != "train"],
+                                      label_names)
+        names = check_classes(files, unreadable)
+        bad = {path for path, _ in unreadable}
+        usable = [f for f in files if str(f.path) not in bad]
+        check_splits(usable, names)
+        # the classes the start model already has ([] from scratch)
+        shipped = list(ir.OperatingPoint.load(ir.DEFAULT_THRESHOLDS_PATH).class_names) if args.start == "default" \
+            else []
+        ordered = _class_order(names, shipped)
+        data.labels = np.array([train.OUTLIER if k == len(label_names) else ordered.index(label_names[k])
+                                for k in data.labels], dtype=int)
+        recipe = _recipe(args.start, args.epochs,
+                         [int((data.labels == k).sum()) for k in range(len(ordered))], args.seed)
+        _fit_and_save(args, data, ordered, shipped, recipe)
+        del data  # the decoded planes: calibration and evaluation stream their files
         evaluation = _calibrate_and_evaluate(args, usable, ordered, ood_dir, ood_fit_dir)
+    trained = [f for f in training_files if str(f.path) not in bad]
     evaluation.update(split=real_data.summarise(usable), unreadable=[{"path": p, "error": c} for p, c in unreadable],
+                      trained_per_class={name: sum(f.label == name for f in trained) for name in ordered},
                       recipe=vars(recipe), start=args.start, seconds=round(time.perf_counter() - started, 1))
     write_json(args.output_dir / "evaluation" / "evaluation.json", evaluation)
     (args.output_dir / "MODEL_CARD.md").write_text(model_card(args, ordered, evaluation), encoding="utf-8")
     return evaluation
+
+
+def read_files(training: list[LabelledFile], outliers: list[LabelledFile], others: list[LabelledFile],
+               label_names: list[str]) -> tuple[train.Dataset, list[tuple[str, str]]]:
+    """The training planes (labelled files, then outliers, labelled ``len(label_names)``) and every unreadable
+    file, calibration and test files included. All decoding happens here, before TensorFlow starts (the process
+    pools fork)."""
+    data, unreadable = train.real_dataset(training + outliers, [*label_names, train.OUTLIER_LABEL], single_bands=True)
+    unreadable += train.unreadable_files(others)
+    for path, cause in unreadable:
+        logger.warning("%s: unreadable, skipped: %s", path, cause)
+    return data, unreadable
+
+
+def cap_training_files(files: list[LabelledFile], cap: int, seed: int) -> list[LabelledFile]:
+    """At most ``cap`` training files of each class, a seeded choice (the rest are logged, not decoded): the
+    recipe draws at most 300 files per class per epoch, so more add little and cost memory."""
+    kept = []
+    for label in sorted({f.label for f in files}):
+        group = [f for f in files if f.label == label]
+        if len(group) > cap:
+            chosen = np.random.default_rng([seed, len(group)]).choice(len(group), cap, replace=False)
+            logger.warning("%s: %d training files, training on %d of them (--max_files_per_class)", label,
+                           len(group), cap)
+            group = [group[i] for i in sorted(chosen)]
+        kept += group
+    return kept
+
+
+def available_memory() -> int | None:
+    """Bytes this process can still take: MemAvailable, or the cgroup's limit less its use when lower; None when
+    the system does not say (not Linux)."""
+    try:
+        meminfo = Path("/proc/meminfo").read_text()
+    except OSError:
+        return None
+    found = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+        if limit != "max":
+            found.append(int(limit) - used)
+    except (OSError, ValueError):
+        pass
+    return min(found) if found else None
+
+
+def check_memory(files: list[LabelledFile], cap: int) -> None:
+    """Refuse, before hours of decoding and training, a training set whose planes cannot fit in memory."""
+    needed = TRAINING_BASE_BYTES + train.planes_at_most(files, single_bands=True) * train.PLANE_BYTES
+    available = available_memory()
+    logger.info("training set: %d files, about %.1f GB of memory needed, %s available", len(files), needed / 1e9,
+                "unknown" if available is None else f"{available / 1e9:.1f} GB")
+    if available is not None and needed > available:
+        raise TrainingInputError(
+            f"training on {len(files)} files needs about {needed / 1e9:.1f} GB of memory ({train.PLANE_BYTES / 1e6:.1f}"
+            f" MB per decoded plane, two for a colour photograph), {available / 1e9:.1f} GB is available: lower "
+            f"--max_files_per_class (now {cap})")
 
 
 def check_splits(usable: list[LabelledFile], names: list[str]) -> None:
@@ -137,8 +203,8 @@ def check_splits(usable: list[LabelledFile], names: list[str]) -> None:
     logger.info("split: %s", json.dumps(real_data.summarise(usable)))
 
 
-def _fit_and_save(args: argparse.Namespace, data: train.Dataset, outliers: train.Dataset, names: list[str],
-                  shipped: list[str], recipe: train.Recipe) -> None:
+def _fit_and_save(args: argparse.Namespace, data: train.Dataset, names: list[str], shipped: list[str],
+                  recipe: train.Recipe) -> None:
     """Fine-tune the shipped model (its scaler kept) or train from scratch; save model and scaler into OUT."""
     import joblib
 
@@ -146,10 +212,9 @@ def _fit_and_save(args: argparse.Namespace, data: train.Dataset, outliers: train
         scaler = joblib.load(ir.DEFAULT_SCALER_PATH)
         model = backends.load_keras_model(ir.DEFAULT_MODEL_PATH)
         initial = model if names == shipped else train.with_head(model, names, shipped)
-    else:
-        scaler, initial = train.fit_scaler(train.raw_features(data)), None
-    model = train.train_model(train.Dataset.concat([data, outliers]), scaler, names, recipe, initial_model=initial,
-                              progress=not args.quiet)
+    else:  # the scaler is fitted on the labelled files, not on the outlier images
+        scaler, initial = train.fit_scaler(train.raw_features(data)[data.labels != train.OUTLIER]), None
+    model = train.train_model(data, scaler, names, recipe, initial_model=initial, progress=not args.quiet)
     args.output_dir.mkdir(parents=True, exist_ok=True)
     model.save(args.output_dir / MODEL_FILE)
     joblib.dump(scaler, args.output_dir / SCALER_FILE)
@@ -172,10 +237,6 @@ def _calibrate_and_evaluate(args: argparse.Namespace, usable: list[LabelledFile]
                         seen_objects={f.object_key for f in usable if f.split == "train"})
 
 
-def _unreadable(files: list[LabelledFile]) -> list[tuple[str, str]]:
-    return train.real_dataset(files, sorted({f.label for f in files}))[1] if files else []
-
-
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
@@ -183,9 +244,9 @@ def _percent(value: float | None) -> str:
 def model_card(args: argparse.Namespace, names: list[str], evaluation: dict[str, Any]) -> str:
     """A short generated model card: data, recipe, test figures per class, OOD abstention, how to use it."""
     test = evaluation["real_validation"]["overall"]
-    trained = evaluation["split"].get("train", {}).values()
+    trained = evaluation["trained_per_class"]
     per_class = test["per_class"]
-    rows = "\n".join(f"| {name} | {sum(counts.get(name, 0) for counts in trained)} | {per_class[name]['support']} "
+    rows = "\n".join(f"| {name} | {trained[name]} | {per_class[name]['support']} "
                      f"| {_percent(per_class[name]['precision'])} | {_percent(per_class[name]['recall'])} |"
                      for name in names)
     ood = ", ".join(f"{kind} {_percent(v['abstained_fraction'])}"
