@@ -550,6 +550,16 @@ def ood_abstention(op: ir.OperatingPoint, class_names: Sequence[str], data: Labe
             "abstained_fraction_thresholds_only": float((~accepted_mask(probs, class_names, thresholds)).mean())}
 
 
+def evaluated_artifacts(service: ir.ClassifierService) -> dict[str, dict[str, str | None]]:
+    """The files (by name) and SHA-256 of what was evaluated, so that figures can be matched to a model."""
+    return {"model": {"file": service.model_path.name, "sha256": service.model_sha256},
+            "scaler": {"file": service.scaler_path.name, "sha256": service.scaler_sha256},
+            "thresholds": {"file": service.thresholds_path.name if service.thresholds_path else None,
+                           "sha256": service.thresholds_sha256},
+            "backend": {"name": service.backend.name, "file": Path(service.backend.artifact).name,
+                        "sha256": service.backend_sha256}}
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     if _refuses_hdu_all(args):
         return ir.EXIT_USAGE
@@ -566,7 +576,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.ood_dir is not None:
         ood_files = ir.scan_paths(args.ood_dir, suffixes=data_loader.SUPPORTED_SUFFIXES)
         ood = collect_logits(service, [(path, -1) for path in ood_files], args.batch_size)
-    result = evaluate(service, data, temperature, ood)
+    result = {"artifacts": evaluated_artifacts(service), **evaluate(service, data, temperature, ood)}
     args.output_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(args.output_dir / "evaluation.json", result)
     plots = write_plots(args.output_dir, service, data, temperature)

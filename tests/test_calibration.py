@@ -240,6 +240,9 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     assert cli.main(["evaluate", "--labelled_dir", str(labelled), "--ood_dir", str(labelled / "nebula"),
                     "--thresholds", str(output), "--output_dir", str(out_dir), "--quiet", *artifacts]) == 0
     result = json.loads((out_dir / "evaluation.json").read_text())
+    assert result["artifacts"]["model"] == {"file": tiny_artifacts["model"].name,
+                                            "sha256": ir.sha256_of(tiny_artifacts["model"])}
+    assert result["artifacts"]["thresholds"]["sha256"] == ir.sha256_of(output)
     assert result["tta"]["n"] == 20 and len(result["tta"]["confusion_matrix"]["counts"]) == 5
     assert sum(map(sum, result["tta"]["confusion_matrix"]["counts"])) == 20
     assert 0 <= result["tta"]["ood"]["abstained_fraction"] <= 1

@@ -146,7 +146,7 @@ def evaluate_all(model_path: Path, scaler_path: Path, thresholds_path: Path, cla
     service = ir.ClassifierService(model_path, scaler_path, thresholds_path)
     temperature = service.operating_point.temperature
     output_dir.mkdir(parents=True, exist_ok=True)
-    result: dict[str, Any] = {"artifacts": evaluated_artifacts(service), "temperature": temperature,
+    result: dict[str, Any] = {"artifacts": calibration.evaluated_artifacts(service), "temperature": temperature,
                               "class_names": class_names}
     if simulated_test:
         data = calibration.collect_logits(service, simulated_test, BATCH_SIZE)
@@ -159,16 +159,6 @@ def evaluate_all(model_path: Path, scaler_path: Path, thresholds_path: Path, cla
         result["ood_by_kind"] = ood_by_kind(service, ood_dir, temperature, loko)
     result["summary"] = summary(result)
     return result
-
-
-def evaluated_artifacts(service: ir.ClassifierService) -> dict[str, dict[str, str | None]]:
-    """The files (by name) and SHA-256 of what was evaluated, so that figures can be matched to a model."""
-    return {"model": {"file": service.model_path.name, "sha256": service.model_sha256},
-            "scaler": {"file": service.scaler_path.name, "sha256": service.scaler_sha256},
-            "thresholds": {"file": service.thresholds_path.name if service.thresholds_path else None,
-                           "sha256": service.thresholds_sha256},
-            "backend": {"name": service.backend.name, "file": Path(service.backend.artifact).name,
-                        "sha256": service.backend_sha256}}
 
 
 def _mkdir(path: Path) -> Path:
