@@ -111,14 +111,14 @@ def train_on_directory(args: argparse.Namespace) -> dict[str, Any]:
         check_memory(training_files + outliers, args.max_files_per_class)
         data, unreadable = read_files(training_files, outliers, [f for f in files if f.split != "train"],
                                       label_names)
-        names = check_classes(files, unreadable)
+        check_classes(files, unreadable)  # the same class names; refused if too few are readable
         bad = {path for path, _ in unreadable}
         usable = [f for f in files if str(f.path) not in bad]
-        check_splits(usable, names)
+        check_splits(usable, label_names)
         # the classes the start model already has ([] from scratch)
         shipped = list(ir.OperatingPoint.load(ir.DEFAULT_THRESHOLDS_PATH).class_names) if args.start == "default" \
             else []
-        ordered = _class_order(names, shipped)
+        ordered = _class_order(label_names, shipped)
         data.labels = np.array([train.OUTLIER if k == len(label_names) else ordered.index(label_names[k])
                                 for k in data.labels], dtype=int)
         recipe = _recipe(args.start, args.epochs,
