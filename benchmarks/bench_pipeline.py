@@ -1,6 +1,7 @@
 """End-to-end throughput of ClassifierService on each model backend, against its stages and the naive loop.
 
-    python benchmarks/bench_pipeline.py [--files 96] [--size 2048] [--variant fits_rice] [--litert-threads 2:1,1:2]
+    python benchmarks/bench_pipeline.py [--files 96] [--size 2048] [--repeats 3] [--variant fits_rice]
+        [--litert-threads 2:1,1:2]
 
 The files are written once; each backend (and each LiteRT thread setting) is measured in its own process on the
 same files (in the page cache), so one runtime's thread pools cannot slow the other's. Per backend:
@@ -11,6 +12,10 @@ same files (in the page cache), so one runtime's thread pools cannot slow the ot
 * naive: per file, load_sample then the model on that file alone, its TTA views included when on (Keras:
   model.predict; LiteRT: one run), so that each end-to-end figure is set against a loop doing the same work;
 * peak RSS of that process.
+Decode-only, model-only and end-to-end are measured ``--repeats`` times, interleaved (decode, then per TTA
+setting model and end to end, then again), and each figure is the median with the range beside it: one pass
+over 96 files lasts one to six seconds, and on a shared machine one slow second moves a single pass by 10-20%.
+The ratios are of the medians.
 """
 
 from __future__ import annotations
@@ -94,31 +99,50 @@ def naive_rate(service: ir.ClassifierService, paths: list[Path], tta: bool) -> f
 
 
 def measure(args: argparse.Namespace, paths: list[Path]) -> dict:
-    """One backend's figures (run in a child process)."""
+    """One backend's figures (run in a child process): lists of ``args.repeats`` rates, naive loop once."""
     service = ir.ClassifierService(args.model_path, args.scaler_path, args.thresholds, backend=args.measure,
                                    intra_op_threads=args.threads, workers=args.workers)
     decode_rate(service, paths[:8])  # page cache and allocator warm
-    result = {"backend": service.backend.name, "threads": service.backend.threads, "workers": service.workers,
-              "decode": decode_rate(service, paths)}
     sample = data_loader.load_sample(paths[0], service.scaler)
+    result = {"backend": service.backend.name, "threads": service.backend.threads, "workers": service.workers,
+              "decode": [], "no_tta": {"model": [], "end_to_end": []}, "tta": {"model": [], "end_to_end": []}}
     for tta in (False, True):
-        key = "tta" if tta else "no_tta"
-        model = model_rate(service, sample, max(len(paths), 4 * args.batch_size), args.batch_size, tta)
-        service.predict_paths(paths[: args.batch_size], args.batch_size, tta=tta)  # warm this path
-        started = time.perf_counter()
-        service.predict_paths(paths, args.batch_size, tta=tta)
-        result[key] = {"model": model, "limit": 1.0 / (1.0 / result["decode"] + 1.0 / model),
-                       "end_to_end": rate(len(paths), time.perf_counter() - started),
-                       "naive": naive_rate(service, paths[: max(16, len(paths) // 4)], tta)}
+        service.predict_paths(paths[: args.batch_size], args.batch_size, tta=tta)  # warm each path
+    for _ in range(args.repeats):
+        result["decode"].append(decode_rate(service, paths))
+        for tta in (False, True):
+            row = result["tta" if tta else "no_tta"]
+            row["model"].append(model_rate(service, sample, max(len(paths), 4 * args.batch_size), args.batch_size,
+                                           tta))
+            started = time.perf_counter()
+            service.predict_paths(paths, args.batch_size, tta=tta)
+            row["end_to_end"].append(rate(len(paths), time.perf_counter() - started))
+    for tta in (False, True):
+        result["tta" if tta else "no_tta"]["naive"] = naive_rate(service, paths[: max(16, len(paths) // 4)], tta)
     result["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return result
+
+
+def median(rates: list[float]) -> float:
+    return float(np.median(rates))
+
+
+def spread(rates: list[float]) -> str:
+    """'median (min-max)' of a figure's repeats."""
+    return f"{median(rates):6.1f} ({min(rates):.1f}-{max(rates):.1f})" if len(rates) > 1 else f"{rates[0]:6.1f}"
+
+
+def limit(result: dict, key: str) -> float:
+    """Files/s if decoding and the model shared the cores with no overlap loss: 1 / (1/decode + 1/model)."""
+    return 1.0 / (1.0 / median(result["decode"]) + 1.0 / median(result[key]["model"]))
 
 
 def run_child(args: argparse.Namespace, directory: Path, backend: str, workers: int | None = None,
               threads: int | None = None) -> dict:
     command = [sys.executable, __file__, "--measure", backend, "--files_dir", str(directory),
-               "--batch_size", str(args.batch_size), "--model_path", str(args.model_path),
-               "--scaler_path", str(args.scaler_path), "--thresholds", str(args.thresholds)]
+               "--batch_size", str(args.batch_size), "--repeats", str(args.repeats),
+               "--model_path", str(args.model_path), "--scaler_path", str(args.scaler_path),
+               "--thresholds", str(args.thresholds)]
     for flag, value in (("--workers", workers), ("--threads", threads)):
         if value:
             command += [flag, str(value)]
@@ -132,23 +156,24 @@ def _target(value: float, target: float) -> str:
 
 def print_result(result: dict, with_targets: bool) -> None:
     print(f"{result['backend']:>6} ({result['threads']} model threads, {result['workers']} decode threads): "
-          f"decode-only {result['decode']:6.1f} files/s, peak RSS {result['peak_rss_mb']:.0f} MB")
+          f"decode-only {spread(result['decode'])} files/s, peak RSS {result['peak_rss_mb']:.0f} MB")
     for key in ("no_tta", "tta"):
         row = result[key]
-        of_limit, over_naive = row["end_to_end"] / row["limit"], row["end_to_end"] / row["naive"]
-        print(f"    TTA {'on ' if key == 'tta' else 'off'}: model-only {row['model']:7.1f} files/s, CPU-bound limit "
-              f"{row['limit']:6.1f}, end-to-end {row['end_to_end']:6.1f} files/s = {of_limit:.2f} of the limit"
+        end_to_end = median(row["end_to_end"])
+        of_limit, over_naive = end_to_end / limit(result, key), end_to_end / row["naive"]
+        print(f"    TTA {'on ' if key == 'tta' else 'off'}: model-only {spread(row['model'])} files/s, CPU-bound limit "
+              f"{limit(result, key):6.1f}, end-to-end {spread(row['end_to_end'])} files/s = {of_limit:.2f} of the limit"
               f"{_target(of_limit, TARGETS['of_limit']) if with_targets else ''}, naive loop {row['naive']:6.1f} "
               f"files/s: {over_naive:.1f}x"
               f"{_target(over_naive, TARGETS['over_naive']) if with_targets and result['backend'] == 'keras' else ''}")
-    floor = result["tta"]["model"] / result["decode"]
+    floor = median(result["tta"]["model"]) / median(result["decode"])
     print(f"    speed floor: model-only with TTA / decode-only = {floor:.2f}{_target(floor, TARGETS['speed_floor'])}")
 
 
 def compare(keras: dict, litert: dict) -> None:
-    model = litert["tta"]["model"] / keras["tta"]["model"]
-    end_to_end = litert["tta"]["end_to_end"] / keras["tta"]["end_to_end"]
-    of_limit = litert["tta"]["end_to_end"] / litert["tta"]["limit"]
+    model = median(litert["tta"]["model"]) / median(keras["tta"]["model"])
+    end_to_end = median(litert["tta"]["end_to_end"]) / median(keras["tta"]["end_to_end"])
+    of_limit = median(litert["tta"]["end_to_end"]) / limit(litert, "tta")
     for label, value, target in (("LiteRT / Keras model-only (TTA)", model, TARGETS["litert_vs_keras_model"]),
                                  ("LiteRT / Keras end-to-end (TTA)", end_to_end, TARGETS["litert_vs_keras_end_to_end"]),
                                  ("LiteRT end-to-end / its CPU-bound limit (TTA)", of_limit, TARGETS["of_limit"])):
@@ -160,6 +185,7 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=96)
     parser.add_argument("--size", type=int, default=2048)
     parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3, help="passes per figure; the median is reported")
     parser.add_argument("--variant", choices=FILE_VARIANTS, default="fits_float32", help="file format written")
     parser.add_argument("--model_path", type=Path, default=ir.DEFAULT_MODEL_PATH)
     parser.add_argument("--scaler_path", type=Path, default=ir.DEFAULT_SCALER_PATH)
@@ -175,7 +201,8 @@ def main() -> int:
         print(json.dumps(measure(args, sorted(args.files_dir.iterdir()))))
         return 0
     print(f"pipeline benchmark: {data_loader.available_cpus()} CPUs, {args.files} files of "
-          f"{args.size}x{args.size} {args.variant}, batch {args.batch_size}, model {args.model_path.name}")
+          f"{args.size}x{args.size} {args.variant}, batch {args.batch_size}, model {args.model_path.name}; "
+          f"median (min-max) of {args.repeats} passes")
     targets = args.variant == "fits_float32"  # the service's targets are set on float32 FITS
     with tempfile.TemporaryDirectory() as scratch:
         make_files(Path(scratch), args.files, args.size, args.variant)
