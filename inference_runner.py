@@ -1369,6 +1369,9 @@ def _cmd_filesystem(args: argparse.Namespace) -> int:
     print(f"{counts.total} files in {elapsed:.1f} s: {counts.classified} classified, {counts.abstained} unknown, "
           f"{counts.errors} errors, {counts.reused} reused"
           + (f"; coverage {coverage:.1%}" if coverage is not None else ""))
+    if counts.total == 0:  # an empty report is more often a wrong directory or extension list than an empty inbox
+        print(f"warning: no file under {input_dir}{' in this shard' if args.shard else ''} ends in "
+              f"{', '.join(args.extensions)}; other kinds of file are walked with --extensions", file=sys.stderr)
     return EXIT_FILE_ERRORS if args.fail_on_error and counts.errors else EXIT_OK
 
 

@@ -191,6 +191,23 @@ def test_extensions_widen_the_walk(tiny_artifacts: dict[str, Path], mixed_dir: P
                 "--extensions", ".gif")
 
 
+def test_a_walk_that_finds_nothing_warns_and_names_the_extensions(tiny_artifacts: dict[str, Path], tmp_path: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    from PIL import Image
+
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    Image.new("L", (64, 64), 30).save(inbox / "press.jpg")
+    output = tmp_path / "r.json"
+    assert run_cli(tiny_artifacts, "--input_dir", str(inbox), "--output_json", str(output)) == ir.EXIT_OK
+    assert validate(output)["meta"]["counts"]["total"] == 0
+    warning = capsys.readouterr().err
+    assert f"warning: no file under {inbox} ends in .fits" in warning and "--extensions" in warning
+    assert run_cli(tiny_artifacts, "--input_dir", str(inbox), "--output_json", str(output),
+                   "--extensions", ".jpg") == ir.EXIT_OK
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("suffix", [".ecsv", ".fits", ".vot", ".csv"])
 def test_table_reports_round_trip_through_astropy(tiny_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path,
                                                   suffix: str) -> None:
