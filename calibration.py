@@ -37,9 +37,13 @@ class LabelledLogits:
     failed: list[tuple[str, str]]
     tiebreaks: np.ndarray  # (N,) each file's prediction-set tie-break (inference_runner.set_tiebreak)
     features: np.ndarray  # (N, F) scaled hand-crafted features (what the feature gate measures)
+    identity_embeddings: np.ndarray  # (N, E) the untransformed view's: what a run without TTA gates on
 
     def for_tta(self, tta: bool) -> np.ndarray:
         return self.view_logits if tta else self.view_logits[:, :1]
+
+    def embeddings_for(self, tta: bool) -> np.ndarray:
+        return self.embeddings if tta else self.identity_embeddings
 
 
 def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Path, int]]:
@@ -57,7 +61,7 @@ def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Pa
 
 
 def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]], batch_size: int) -> LabelledLogits:
-    paths, logits, embeddings, labels, failed, tiebreaks, features = [], [], [], [], [], [], []
+    paths, logits, embeddings, labels, failed, tiebreaks, features, identity = [], [], [], [], [], [], [], []
     for (path, label), scored in zip(files, service.iter_scored([p for p, _ in files], batch_size, tta=True)):
         if scored.view_logits is None:
             failed.append((str(path), scored.error or "unknown error"))
@@ -68,10 +72,11 @@ def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]],
         labels.append(label)
         tiebreaks.append(scored.tiebreak)
         features.append(scored.features)
+        identity.append(scored.identity_embedding)
     if failed:
         logger.warning("%d labelled files could not be read and are left out", len(failed))
     return LabelledLogits(paths, np.stack(logits), np.stack(embeddings), np.array(labels), failed,
-                          np.array(tiebreaks), np.stack(features))
+                          np.array(tiebreaks), np.stack(features), np.stack(identity))
 
 
 # --------------------------------------------------------------------------- commands
@@ -293,7 +298,6 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
     """
     names = list(service.class_names)
     gate = ir.OodGate.fit(data.embeddings, data.labels, ood_quantile) if ood_quantile else None
-    inside = ~gate.is_outside(data.embeddings) if gate else np.ones(len(data.labels), dtype=bool)
     neighbours = min(feature_neighbours, len(data.labels) - 1)
     feature_gate = ir.FeatureGate.fit(data.features, neighbours, ood_quantile) if ood_quantile and neighbours > 0 \
         else None
@@ -307,6 +311,8 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
     bias = fit_class_bias(data.for_tta(True), data.labels, temperature) if class_bias else None
     for key, tta in (("tta", True), ("no_tta", False)):
         logits = data.for_tta(tta)
+        # without TTA the gate sees the one view's embedding, so the thresholds are chosen on the files it lets in
+        inside = ~gate.is_outside(data.embeddings_for(tta)) if gate else np.ones(len(data.labels), dtype=bool)
         probs = ir.calibrated_probs(logits, temperature, bias)
         predicted, scores = probs.argmax(axis=1), probs.max(axis=1)
         correct = predicted == data.labels
@@ -516,10 +522,11 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
              ood: LabelledLogits | None) -> dict[str, Any]:
     names = list(service.class_names)
     op = service.operating_point
-    inside = op.inside(data.embeddings, data.features)
     result: dict[str, Any] = {"temperature": temperature, "class_names": names, "n_failed": len(data.failed),
-                              "ood_gate_rejected_in_distribution": float(1.0 - inside.mean())}
+                              "ood_gate_rejected_in_distribution":
+                                  float(1.0 - op.inside(data.embeddings, data.features).mean())}
     for key, tta in (("tta", True), ("no_tta", False)):
+        inside = op.inside(data.embeddings_for(tta), data.features)
         logits = data.for_tta(tta)
         probs = op.probabilities(logits, temperature)
         fitted = op.document.get("fitted_temperature", {}).get(key) if op.document else None
@@ -546,7 +553,7 @@ def ood_abstention(op: ir.OperatingPoint, class_names: Sequence[str], data: Labe
     thresholds = op.thresholds[tta]
     return {"n": len(probs),
             "abstained_fraction": float((~accepted_mask(probs, class_names, thresholds,
-                                                        op.inside(data.embeddings, data.features))).mean()),
+                                                        op.inside(data.embeddings_for(tta), data.features))).mean()),
             "abstained_fraction_thresholds_only": float((~accepted_mask(probs, class_names, thresholds)).mean())}
 
 

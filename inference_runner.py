@@ -332,6 +332,7 @@ class ScoredFile:
     hdu: dict[str, Any] | None = None  # {"index", "extname"} of the FITS HDU read
     tiebreak: float | None = None  # the file's prediction-set tie-break (set_tiebreak of its features)
     features: np.ndarray | None = None  # (F,) the scaled hand-crafted features (the feature gate measures them)
+    identity_embedding: np.ndarray | None = None  # (E,) the untransformed view's: what the gates see without TTA
 
 
 @dataclass(frozen=True)
@@ -617,17 +618,15 @@ class ClassifierService:
     # ------------------------------------------------------------------ forward
 
     def _forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        """The backend's scores of every TTA view: (B, V, K) logits (or log-probabilities) and (B, E) embeddings.
-
-        The embedding is the input of the model's final layer, averaged over views;
-        the out-of-distribution gate measures distances there.
-        """
+        """The backend's outputs for every TTA view: (B, V, K) logits (or log-probabilities) and (B, V, E)
+        embeddings, the input of the model's final layer, where the out-of-distribution gates measure distances
+        (on the mean over views; without TTA the one view is the mean)."""
         with self._lock:
             output, embedding = self.backend.forward(images, features, tta)
         output = np.asarray(output, dtype=np.float64)
         if self.backend.outputs_probabilities:
             output = np.log(np.clip(output, 1e-12, None))  # softmax(log p / T) == softmax(z / T)
-        return output, np.asarray(embedding, dtype=np.float64).mean(axis=1)
+        return output, np.asarray(embedding, dtype=np.float64)
 
     def iter_scored(
         self, paths: Iterable[str | os.PathLike[str]], batch_size: int = 32, tta: bool = True
@@ -660,16 +659,18 @@ class ClassifierService:
         good = [item.sample for item in pending if item.sample is not None]
         outputs: Iterator[tuple[np.ndarray, np.ndarray]] = iter(())
         if good:
-            logits, embeddings = self._forward(np.stack([s.image for s in good]),
-                                               np.stack([s.features for s in good]), tta)
-            outputs = zip(logits, embeddings)
+            logits, view_embeddings = self._forward(np.stack([s.image for s in good]),
+                                                    np.stack([s.features for s in good]), tta)
+            outputs = zip(logits, view_embeddings)
         for item in pending:
-            logits_one, embedding_one = next(outputs) if item.sample is not None else (None, None)
+            logits_one, views_one = next(outputs) if item.sample is not None else (None, None)
             info = item.sample.info if item.sample is not None else None
             features = item.sample.features if item.sample is not None else None
             tiebreak = set_tiebreak(features) if features is not None else None
-            yield ScoredFile(item.path, item.fingerprint, logits_one, embedding_one, item.error, info,
-                             _hdu_of(item.hdu, info), tiebreak, features)
+            yield ScoredFile(item.path, item.fingerprint, logits_one,
+                             views_one.mean(axis=0) if views_one is not None else None, item.error, info,
+                             _hdu_of(item.hdu, info), tiebreak, features,
+                             views_one[0] if views_one is not None else None)
 
     def _load_one(self, item: str | os.PathLike[str] | HduRef) -> _Loaded:
         ref = item if isinstance(item, HduRef) else None

@@ -203,6 +203,58 @@ def test_gate_abstains_with_its_reason(tiny_artifacts: dict[str, Path], tmp_path
     assert {r.abstain_reason for r in plain} <= {None, "low_score"}
 
 
+def _views_apart(service: ir.ClassifierService) -> ir.ClassifierService:
+    """The service with each TTA view's embedding shifted by its view index: the untrained tiny model's
+    embeddings barely change under a flip, so without this the gates would decide alike on any view."""
+    forward = service.backend.forward
+
+    def shifted(images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+        scores, embeddings = forward(images, features, tta)
+        return scores, np.asarray(embeddings) + 0.5 * np.arange(np.shape(embeddings)[1])[None, :, None]
+
+    service.backend.forward = shifted
+    return service
+
+
+def _service(artifacts: dict[str, Path], thresholds: Path) -> ir.ClassifierService:
+    return _views_apart(ir.ClassifierService(artifacts["model"], artifacts["scaler"], thresholds))
+
+
+def _run_coverage(service: ir.ClassifierService, paths: list[str], tta: bool) -> float:
+    return float(np.mean([not r.abstained for r in service.predict_paths(paths, 8, tta=tta)]))
+
+
+def test_figures_without_tta_are_what_a_run_without_tta_gives(tiny_artifacts: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """Without TTA the gates see the untransformed view's embedding: in calibration and evaluation as in a run."""
+    labelled = write_labelled_directory(tmp_path / "labelled", per_class=4, seed=9, workers=1)
+    service = _service(tiny_artifacts, tiny_artifacts["thresholds"])
+    data = calibration.collect_logits(service, calibration.labelled_files(labelled, CLASS_NAMES), 8)
+    one_view = np.stack([s.embedding for s in service.iter_scored(data.paths, 8, tta=False)])
+    np.testing.assert_allclose(data.identity_embeddings, one_view, atol=1e-5)
+    np.testing.assert_allclose(data.embeddings, one_view + 0.75, atol=1e-5)  # the mean of views 0-3
+
+    gate = ir.OodGate.fit(data.identity_embeddings, data.labels, 0.5)  # half the files in, on their one view
+    document = json.loads(tiny_artifacts["thresholds"].read_text())
+    document["ood_gate"] = gate.to_json()
+    for point in document["operating_points"].values():
+        point["thresholds"] = dict.fromkeys(CLASS_NAMES, 0.0)  # only the gate abstains
+    gated = tmp_path / "gated.json"
+    gated.write_text(json.dumps(document))
+    evaluated = calibration.evaluate(_service(tiny_artifacts, gated), data, 0.7, data)
+    calibrated = calibration.calibrate(service, data, 0.7, 0.0, precision_confidence=None)  # accept all
+    calibrated["feature_gate"] = None  # the validation figures of calibrate count the embedding gate only
+    recalibrated = tmp_path / "calibrated.json"
+    recalibrated.write_text(json.dumps(calibrated))
+    for key, tta in (("tta", True), ("no_tta", False)):
+        covered = _run_coverage(_service(tiny_artifacts, gated), data.paths, tta)
+        assert evaluated[key]["coverage"] == pytest.approx(covered), key
+        assert evaluated[key]["ood"]["abstained_fraction"] == pytest.approx(1 - covered), key
+        assert calibrated["operating_points"][key]["validation"]["coverage"] == pytest.approx(
+            _run_coverage(_service(tiny_artifacts, recalibrated), data.paths, tta)), key
+    assert evaluated["tta"]["coverage"] != evaluated["no_tta"]["coverage"]
+
+
 def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Path], tmp_path: Path,
                                                     capsys: pytest.CaptureFixture) -> None:
     labelled = write_labelled_directory(tmp_path / "labelled", per_class=4, seed=9, workers=1)

@@ -67,3 +67,12 @@ def test_model_card_out_of_distribution_table() -> None:
 
 def test_model_card_simulated_coverage() -> None:
     assert f"simulated coverage {SUMMARY['simulated_test']['coverage']:.3f} (target 0.85" in MODEL_CARD
+
+
+def test_model_card_figures_without_tta() -> None:
+    real, sim = SUMMARY["real_validation_no_tta"], EVALUATION["simulated_test"]["no_tta"]
+    precision = " / ".join(f"{name} {real['precision'][name]:.3f}" for name in ("galaxy", "nebula", "star_cluster"))
+    stated = re.sub(r"\s+", " ", MODEL_CARD)
+    assert (f"real validation coverage {real['coverage']:.3f}" in stated and f"(accuracy "
+            f"{real['selective_accuracy']:.3f}), precision {precision}, ECE {real['ece']:.3f}; simulated coverage "
+            f"{sim['coverage']:.3f}" in stated), "MODEL_CARD's paragraph on figures without TTA"

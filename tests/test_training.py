@@ -262,6 +262,8 @@ def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None
     assert "photos" not in evaluation["real_data"].get("calibration", {})
     assert set(evaluation["real_validation"]["per_source"]) <= {"survey", "photos"}
     assert "photos" in evaluation["real_validation"]["per_source"]
+    with_tta, without = evaluation["summary"]["real_validation"], evaluation["summary"]["real_validation_no_tta"]
+    assert without["n"] == with_tta["n"] > 0 and set(without["precision"]) == set(with_tta["precision"])
     assert {"moon", "photo_other", "text", "planet", "spectrum", "radio_map"} <= set(evaluation["ood_by_kind"])
     thresholds = json.loads((out / train.THRESHOLDS_NAME).read_text())
     assert thresholds["calibration_data"]["simulated_per_class"] == 2

@@ -75,19 +75,21 @@ def add_ood_classifier(model_path: Path, scaler_path: Path, thresholds_path: Pat
 
 def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.LabelledLogits:
     return calibration.LabelledLogits([data.paths[i] for i in rows], data.view_logits[rows], data.embeddings[rows],
-                                      data.labels[rows], [], data.tiebreaks[rows], data.features[rows])
+                                      data.labels[rows], [], data.tiebreaks[rows], data.features[rows],
+                                      data.identity_embeddings[rows])
 
 
-def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float) -> dict[str, Any]:
-    """Operating-point figures with TTA and the ECE of a (sub)set."""
+def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float,
+           tta: bool = True) -> dict[str, Any]:
+    """Operating-point figures (with TTA unless ``tta`` is False) and the ECE of a (sub)set."""
     op = service.operating_point
-    probs = op.probabilities(data.view_logits, temperature)
-    inside = op.inside(data.embeddings, data.features)
-    metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[True],
+    probs = op.probabilities(data.for_tta(tta), temperature)
+    inside = op.inside(data.embeddings_for(tta), data.features)
+    metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[tta],
                                                   inside)
     metrics["ece"] = calibration.expected_calibration_error(probs, data.labels)
-    metrics["prediction_sets"] = calibration.prediction_set_report(op, probs, data, tta=True)
-    metrics["confusion"] = calibration.confusion_matrix(probs, data.labels, op.thresholds[True],
+    metrics["prediction_sets"] = calibration.prediction_set_report(op, probs, data, tta=tta)
+    metrics["confusion"] = calibration.confusion_matrix(probs, data.labels, op.thresholds[tta],
                                                         list(service.class_names), inside)
     return metrics
 
@@ -125,7 +127,9 @@ def real_breakdown(service: ir.ClassifierService, files: Sequence[LabelledFile],
     by_path = {str(f.path): f for f in files}
     sources = np.array([by_path[p].source for p in data.paths])
     unseen = np.array([by_path[p].object_key not in seen_objects for p in data.paths])
-    result: dict[str, Any] = {"overall": _brief(service, data, temperature), "n_failed": len(data.failed),
+    result: dict[str, Any] = {"overall": _brief(service, data, temperature),
+                              "overall_no_tta": _brief(service, data, temperature, tta=False),  # --no-tta
+                              "n_failed": len(data.failed),
                               "unseen_objects": _brief(service, _subset(data, np.nonzero(unseen)[0]), temperature)
                               if unseen.any() else None, "per_source": {}}
     for source in sorted(set(sources)):
@@ -184,6 +188,7 @@ def summary(result: dict[str, Any]) -> dict[str, Any]:
         out["simulated_test"] = {**_figures(sim), "ece": sim["ece"]["operating_temperature"]}
     if "real_validation" in result:
         out["real_validation"] = _figures(result["real_validation"]["overall"])
+        out["real_validation_no_tta"] = _figures(result["real_validation"]["overall_no_tta"])
         if result["real_validation"]["unseen_objects"]:
             out["real_validation_unseen_objects"] = _figures(result["real_validation"]["unseen_objects"])
     if "ood_by_kind" in result:
