@@ -667,10 +667,9 @@ class ClassifierService:
             info = item.sample.info if item.sample is not None else None
             features = item.sample.features if item.sample is not None else None
             tiebreak = set_tiebreak(features) if features is not None else None
-            yield ScoredFile(item.path, item.fingerprint, logits_one,
-                             views_one.mean(axis=0) if views_one is not None else None, item.error, info,
-                             _hdu_of(item.hdu, info), tiebreak, features,
-                             views_one[0] if views_one is not None else None)
+            mean, identity = (views_one.mean(axis=0), views_one[0]) if views_one is not None else (None, None)
+            yield ScoredFile(item.path, item.fingerprint, logits_one, mean, item.error, info,
+                             _hdu_of(item.hdu, info), tiebreak, features, identity)
 
     def _load_one(self, item: str | os.PathLike[str] | HduRef) -> _Loaded:
         ref = item if isinstance(item, HduRef) else None
