@@ -196,7 +196,10 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
     assert evaluation["ood_by_kind"] and all(0 <= v["abstained_fraction"] <= 1
                                              for v in evaluation["ood_by_kind"].values())
     assert (out / "evaluation" / "real" / "reliability.png").exists()
-    assert "clouds" in (out / "MODEL_CARD.md").read_text()
+    card = (out / "MODEL_CARD.md").read_text()
+    assert "clouds" in card
+    assert (f"Without TTA (`--no-tta`, a quarter of the model work, its own thresholds): coverage "
+            f"{evaluation['summary']['real_validation_no_tta']['coverage']:.1%}") in card
 
     report = tmp_path / "report.json"
     assert cli.main(["filesystem", "--input_dir", str(custom_tree), "--output_json", str(report), "--extensions",
