@@ -522,11 +522,11 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
              ood: LabelledLogits | None) -> dict[str, Any]:
     names = list(service.class_names)
     op = service.operating_point
+    inside_by_tta = {tta: op.inside(data.embeddings_for(tta), data.features) for tta in (True, False)}
     result: dict[str, Any] = {"temperature": temperature, "class_names": names, "n_failed": len(data.failed),
-                              "ood_gate_rejected_in_distribution":
-                                  float(1.0 - op.inside(data.embeddings, data.features).mean())}
+                              "ood_gate_rejected_in_distribution": float(1.0 - inside_by_tta[True].mean())}
     for key, tta in (("tta", True), ("no_tta", False)):
-        inside = op.inside(data.embeddings_for(tta), data.features)
+        inside = inside_by_tta[tta]
         logits = data.for_tta(tta)
         probs = op.probabilities(logits, temperature)
         fitted = op.document.get("fitted_temperature", {}).get(key) if op.document else None
