@@ -72,6 +72,8 @@ DEFAULT_MODEL_PATH = HERE / "multimodal_classifier_mixup_warmup_randaug_2.keras"
 DEFAULT_SCALER_PATH = HERE / "feature_scaler.joblib"
 DEFAULT_THRESHOLDS_PATH = HERE / "thresholds_prod_precision.json"
 DEFAULT_TEMPERATURE = 0.7
+# a class with fewer calibration files than this gets the feature gate's pooled radius (its own quantile would be noise)
+FEATURE_GATE_MIN_CLASS_FILES = 20
 SET_METHOD = "aps-randomised"  # the prediction sets' score and rule (aps_scores); thresholds files name it
 DEFAULT_HEADER_KEYS = ("OBJECT", "DATE-OBS", "MJD-OBS", "EXPTIME", "FILTER", "INSTRUME", "TELESCOP")
 
@@ -196,35 +198,59 @@ class FeatureGate:
     (the Moon, a planet, a radio map) lands among the classes there; its pixel statistics (noise, sources,
     power spectrum) still sit apart. Fitted on calibration files alone, it has never seen any
     out-of-distribution kind, so what it stops is not something it was fitted on.
+
+    With ``class_max_distance`` the radius is that of the file's predicted class: the calibration files of one
+    class pack closely (hundreds of survey cutouts of galaxies), those of another spread wide (simulated
+    artifacts), and one radius for all would let a file labelled ``galaxy`` lie as far from everything as a
+    typical artifact does.
     """
 
     reference: np.ndarray  # (N, F) scaled features of the calibration files
     k: int
     max_distance: float  # the ``quantile`` of the calibration files' own (leave-one-out) distances
     quantile: float
+    class_max_distance: tuple[float, ...] | None = None  # per class index: the same quantile over its own files
 
     @classmethod
-    def fit(cls, features: np.ndarray, k: int = 20, quantile: float = 0.95) -> FeatureGate:
+    def fit(cls, features: np.ndarray, k: int = 20, quantile: float = 0.95, labels: np.ndarray | None = None,
+            n_classes: int | None = None) -> FeatureGate:
+        """With ``labels`` (class index per row), a radius per class: the ``quantile`` of that class's own
+        distances, or the pooled one for a class with fewer than ``FEATURE_GATE_MIN_CLASS_FILES`` files."""
         reference = np.round(np.asarray(features, dtype=np.float64), 5)  # what the JSON keeps
         if len(reference) <= k:
             raise ValueError(f"the feature gate needs more than k={k} calibration files, got {len(reference)}")
         own = mean_neighbour_distance(reference, reference, k, skip_self=True)
-        return cls(reference, k, float(np.quantile(own, quantile)), quantile)
+        pooled = float(np.quantile(own, quantile))
+        if labels is None:
+            return cls(reference, k, pooled, quantile)
+        labels = np.asarray(labels)
+        per_class = tuple(float(np.quantile(own[labels == c], quantile))
+                          if (labels == c).sum() >= FEATURE_GATE_MIN_CLASS_FILES else pooled
+                          for c in range(int(labels.max()) + 1 if n_classes is None else n_classes))
+        return cls(reference, k, pooled, quantile, per_class)
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         return mean_neighbour_distance(features, self.reference, self.k)
 
-    def is_outside(self, features: np.ndarray) -> np.ndarray:
-        return self.distance(features) > self.max_distance
+    def is_outside(self, features: np.ndarray, predicted: np.ndarray | None = None) -> np.ndarray:
+        """Per row of ``features``; ``predicted`` (class index per row) is needed when the radius is per class."""
+        distance = self.distance(features)
+        if self.class_max_distance is None:
+            return distance > self.max_distance
+        if predicted is None:
+            raise ValueError("this feature gate has a radius per class: pass each file's predicted class")
+        return distance > np.asarray(self.class_max_distance)[np.asarray(predicted, dtype=int)]
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "knn_features", "k": self.k, "quantile": self.quantile, "max_distance": self.max_distance,
+                "class_max_distance": None if self.class_max_distance is None else list(self.class_max_distance),
                 "reference": self.reference.tolist()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureGate:
+        per_class = data.get("class_max_distance")
         return cls(np.asarray(data["reference"], dtype=np.float64), int(data["k"]), float(data["max_distance"]),
-                   float(data["quantile"]))
+                   float(data["quantile"]), None if per_class is None else tuple(float(d) for d in per_class))
 
 
 def _entropy(probs: np.ndarray) -> np.ndarray:
@@ -367,9 +393,11 @@ class OperatingPoint:
         fitted = sets["tta" if tta else "no_tta"]
         return np.asarray(fitted["class_quantiles"]) if sets.get("class_conditional") else fitted["quantile"]
 
-    def inside(self, embeddings: np.ndarray, features: np.ndarray | None) -> np.ndarray:
-        """Per file (rows of ``embeddings`` and of the scaled ``features``): inside every out-of-distribution
-        gate this operating point has."""
+    def inside(self, embeddings: np.ndarray, features: np.ndarray | None,
+               predicted: np.ndarray | None = None) -> np.ndarray:
+        """Per file (rows of ``embeddings``, of the scaled ``features`` and of ``predicted``, the top class
+        index, which a feature gate with a radius per class needs): inside every out-of-distribution gate this
+        operating point has."""
         inside = np.ones(len(embeddings), dtype=bool)
         for gate in (self.ood_gate, self.ood_classifier, self.member_gate):
             if gate is not None:
@@ -377,7 +405,7 @@ class OperatingPoint:
         if self.feature_gate is not None:
             if features is None:
                 raise ValueError("this operating point has a feature gate: pass the files' scaled features")
-            inside &= ~self.feature_gate.is_outside(features)
+            inside &= ~self.feature_gate.is_outside(features, predicted)
         return inside
 
     @classmethod
@@ -700,7 +728,8 @@ class ClassifierService:
         score = float(probs[top])
         reason = None
         if abstain:
-            if not self.operating_point.inside(scored.embedding[None], scored.features[None])[0]:
+            if not self.operating_point.inside(scored.embedding[None], scored.features[None],
+                                               np.array([top]))[0]:
                 reason = "out_of_distribution"
             elif score < self.operating_point.thresholds[tta][top_class]:
                 reason = "low_score"

@@ -79,8 +79,11 @@ def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[st
     op = shipped["keras"].operating_point
     assert op.ood_gate is not None and op.ood_classifier is not None and op.feature_gate is not None
     assert op.member_gate is not None  # the shipped model is a two-member ensemble
-    np.testing.assert_array_equal(op.inside(embeddings["keras"], features["keras"]),
-                                  op.inside(embeddings["litert"], features["litert"]))
+    predicted = {name: op.probabilities(np.stack([outputs[name][i].view_logits for i in good])).argmax(axis=1)
+                 for name in outputs}
+    np.testing.assert_array_equal(predicted["keras"], predicted["litert"])
+    np.testing.assert_array_equal(op.inside(embeddings["keras"], features["keras"], predicted["keras"]),
+                                  op.inside(embeddings["litert"], features["litert"], predicted["litert"]))
     assert np.abs(embeddings["keras"] - embeddings["litert"]).max() < 1e-3
     # the gates' scores, not only their decisions, agree far more closely than their margins
     np.testing.assert_allclose(op.ood_classifier.logit(embeddings["litert"]), op.ood_classifier.logit(

@@ -153,6 +153,37 @@ def test_feature_gate_keeps_its_quantile_and_stops_what_lies_apart() -> None:
         ir.FeatureGate.fit(features[:20], k=20)
 
 
+def test_feature_gate_radius_per_class_is_each_class_own_quantile() -> None:
+    rng = np.random.default_rng(6)
+    tight = rng.normal(0, 0.1, (300, 2))  # files of class 0 pack closely (survey cutouts)
+    wide = rng.normal(0, 2.0, (300, 2)) + np.array([20.0, 0.0])  # class 1 spreads wide (simulated artifacts)
+    few = rng.normal(0, 1.0, (ir.FEATURE_GATE_MIN_CLASS_FILES - 1, 2)) + np.array([0.0, 40.0])  # class 2: few
+    features, labels = np.vstack([tight, wide, few]), np.repeat([0, 1, 2], [300, 300, len(few)])
+    pooled = ir.FeatureGate.fit(features, k=10, quantile=0.95)
+    gate = ir.FeatureGate.fit(features, k=10, quantile=0.95, labels=labels, n_classes=4)
+    radius = gate.class_max_distance
+    assert radius is not None and len(radius) == 4
+    assert radius[0] < pooled.max_distance < radius[1], "one radius for all is too wide for 0, too narrow for 1"
+    assert radius[2] == radius[3] == pooled.max_distance == gate.max_distance, "too few files (or none): pooled"
+    own = ir.mean_neighbour_distance(features, features, 10, skip_self=True)
+    for c in (0, 1):  # each class keeps its quantile of its own files
+        assert (own[labels == c] <= radius[c]).mean() == pytest.approx(0.95, abs=0.01)
+    near_class_0 = np.array([[0.6, 0.0]])  # farther from class 0 than its files lie, nearer than class 1's do
+    assert not pooled.is_outside(near_class_0)[0]
+    assert gate.is_outside(near_class_0, np.array([0]))[0], "labelled class 0, it lies outside class 0's radius"
+    assert not gate.is_outside(near_class_0, np.array([1]))[0]
+    with pytest.raises(ValueError, match="predicted class"):
+        gate.is_outside(near_class_0)
+    restored = ir.FeatureGate.from_json(json.loads(json.dumps(gate.to_json())))
+    assert restored.class_max_distance == radius
+    legacy = pooled.to_json()
+    del legacy["class_max_distance"]  # a thresholds file written before radii per class
+    assert ir.FeatureGate.from_json(legacy).class_max_distance is None
+    point = ir.OperatingPoint(("a", "b", "c", "d"), 1.0, {True: dict.fromkeys("abcd", 0.0),
+                                                          False: dict.fromkeys("abcd", 0.0)}, feature_gate=gate)
+    assert point.inside(np.zeros((2, 3)), np.vstack([near_class_0] * 2), np.array([0, 1])).tolist() == [False, True]
+
+
 def test_operating_point_with_a_feature_gate_needs_features() -> None:
     rng = np.random.default_rng(5)
     gate = ir.FeatureGate.fit(rng.normal(0, 1, (100, 4)), k=5, quantile=0.9)
@@ -184,6 +215,28 @@ def test_feature_gate_abstains_on_files_far_from_calibration(tiny_artifacts: dic
     records = [r for r in ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], gated)
                .predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
     assert all(r.abstain_reason != "out_of_distribution" for r in records)
+
+
+def test_feature_gate_radius_is_that_of_the_class_each_record_is_given(tiny_artifacts: dict[str, Path],
+                                                                       tmp_path: Path, mixed_dir: Path) -> None:
+    service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
+    scored = [s for s in service.iter_scored(list(ir.scan_paths(mixed_dir)), 8, tta=True) if s.features is not None]
+    plain = [r for r in service.predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
+    chosen = service.class_names.index(plain[0].top_class)
+    document = json.loads(tiny_artifacts["thresholds"].read_text())
+    gated = tmp_path / "class_radius.json"
+    for inside_radius, outside_radius in ((1e9, -1.0), (-1.0, 1e9)):  # the chosen class let in, then turned away
+        radii = tuple(inside_radius if c == chosen else outside_radius for c in range(len(service.class_names)))
+        gate = ir.FeatureGate(np.stack([s.features for s in scored]), k=1, max_distance=1.0, quantile=0.95,
+                              class_max_distance=radii)
+        document["feature_gate"] = gate.to_json()
+        gated.write_text(json.dumps(document))
+        records = [r for r in ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], gated)
+                   .predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
+        assert [r.top_class for r in records] == [r.top_class for r in plain]
+        for record in records:
+            turned_away = (record.top_class == plain[0].top_class) == (inside_radius < 0)
+            assert (record.abstain_reason == "out_of_distribution") == turned_away, record.path
 
 
 def test_gate_abstains_with_its_reason(tiny_artifacts: dict[str, Path], tmp_path: Path, mixed_dir: Path) -> None:

@@ -84,7 +84,7 @@ def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temp
     """Operating-point figures (with TTA unless ``tta`` is False) and the ECE of a (sub)set."""
     op = service.operating_point
     probs = op.probabilities(data.for_tta(tta), temperature)
-    inside = op.inside(data.embeddings_for(tta), data.features)
+    inside = op.inside(data.embeddings_for(tta), data.features, probs.argmax(axis=1))
     metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[tta],
                                                   inside)
     metrics["ece"] = calibration.expected_calibration_error(probs, data.labels)

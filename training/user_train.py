@@ -259,7 +259,8 @@ def model_card(args: argparse.Namespace, names: list[str], evaluation: dict[str,
 * Operating point (`{THRESHOLDS_FILE}`): temperature {evaluation["temperature"]} and a per-class bias (fitted),
   target precision {args.target_precision} on the calibration files ({_precision_rule(args)}), a Mahalanobis
   out-of-distribution gate at the 0.95 quantile, a learned gate against {", ".join(train.OUTLIER_KINDS)} and a
-  feature gate (20 nearest calibration files).
+  feature gate (20 nearest calibration files; the radius of the class a file is given, for classes with 20 or
+  more calibration files).
 
 ## Test set (held-out objects), with TTA
 
