@@ -92,6 +92,38 @@ def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[st
                                op.member_gate.divergence(embeddings["keras"]), atol=1e-4)
 
 
+def _patch_convolutions(model) -> int:
+    """Convolutions whose kernel size equals their stride, in ``model`` and the models nested in it."""
+    import keras
+
+    count = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            count += _patch_convolutions(layer)
+        elif type(layer) is keras.layers.Conv2D and tuple(layer.kernel_size) == tuple(layer.strides):
+            count += 1
+    return count
+
+
+def test_export_runs_the_stem_as_space_to_depth_with_the_same_sums(tiny_artifacts: dict[str, Path]) -> None:
+    model = backends.load_keras_model(tiny_artifacts["model"])
+    rewritten = backends.with_space_to_depth_stems(model)
+    assert _patch_convolutions(model) == 1 and _patch_convolutions(rewritten) == 0
+    rng = np.random.default_rng(3)
+    # pixel noise alone would hide pixels misplaced within a block (pooling averages it out): add structure that
+    # differs across and along the rows of every 4 x 4 block
+    column, row = np.meshgrid(np.arange(448) % 4, np.arange(448) % 8, indexing="xy")
+    pattern = (0.2 * column + 0.05 * row)[None, :, :, None].astype(np.float32)
+    inputs = {"image": pattern + 0.05 * rng.random((3, 448, 448, 1), dtype=np.float32),
+              "features": rng.standard_normal((3, ir.data_loader.N_FEATURES)).astype(np.float32)}
+    # the stem itself (an untrained model's outputs barely depend on it), then the whole model's wiring
+    np.testing.assert_allclose(np.asarray(rewritten.get_layer("stem")(inputs["image"])),
+                               np.asarray(model.get_layer("stem")(inputs["image"])), atol=1e-5)
+    for expected, actual in zip(backends.forward_model(model)(inputs, training=False),
+                                backends.forward_model(rewritten)(inputs, training=False)):
+        np.testing.assert_allclose(np.asarray(actual), np.asarray(expected), atol=1e-5)
+
+
 def test_softmax_head_exports_as_probabilities(tiny_artifacts: dict[str, Path], tmp_path: Path,
                                                mixed_dir: Path) -> None:
     import keras
