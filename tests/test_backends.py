@@ -105,7 +105,13 @@ def _patch_convolutions(model) -> int:
     return count
 
 
-def test_export_runs_the_stem_as_space_to_depth_with_the_same_sums(tiny_artifacts: dict[str, Path]) -> None:
+@pytest.mark.parametrize("keras_op", [True, False], ids=["space_to_depth_op", "transpose_before_keras_3_14"])
+def test_export_runs_the_stem_as_space_to_depth_with_the_same_sums(tiny_artifacts: dict[str, Path], keras_op: bool,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    import keras
+
+    if not keras_op:
+        monkeypatch.delattr(keras.ops, "space_to_depth", raising=False)
     model = backends.load_keras_model(tiny_artifacts["model"])
     rewritten = backends.with_space_to_depth_stems(model)
     assert _patch_convolutions(model) == 1 and _patch_convolutions(rewritten) == 0
