@@ -268,6 +268,9 @@ def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None
     with_tta, without = evaluation["summary"]["real_validation"], evaluation["summary"]["real_validation_no_tta"]
     assert without["n"] == with_tta["n"] > 0 and set(without["precision"]) == set(with_tta["precision"])
     assert {"moon", "photo_other", "text", "planet", "spectrum", "radio_map"} <= set(evaluation["ood_by_kind"])
+    # a handful of real files per class: every class counts as learned from simulations and has its row refitted
+    assert evaluation["head_refit"]["classes"] == list(train.CLASS_NAMES)
+    assert evaluation["head_refit"]["files"] == 2 * len(train.CLASS_NAMES)
     thresholds = json.loads((out / train.THRESHOLDS_NAME).read_text())
     assert thresholds["calibration_data"]["simulated_per_class"] == 2
     assert "photos" not in thresholds["calibration_data"]["real"], "validation-only data never calibrates"

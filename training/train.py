@@ -8,10 +8,11 @@ the real labelled directories by object (``training.real_data``); read
 everything back through ``data_loader.load_small`` (the production path); fit
 the feature scaler; train the two-input Keras model on source-balanced epochs
 with style augmentation (``training.augment``), outlier exposure, RandAugment
-view ops, mixup and a warmup-then-cosine learning rate; then calibrate the
-operating point on simulated plus real calibration files, fit the learned OOD
-gate, and evaluate per real source and class, on simulations and per OOD kind
-(``training.evaluation``).
+view ops, mixup and a warmup-then-cosine learning rate; refit the final layer's
+rows of the classes real data barely shows on fresh simulated frames
+(``training.head_refit``); then calibrate the operating point on simulated plus
+real calibration files, fit the learned OOD gate, and evaluate per real source
+and class, on simulations and per OOD kind (``training.evaluation``).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,7 +35,7 @@ import numpy as np
 import calibration
 import data_loader
 from backends import ArtifactError, embedding_tensor, final_layer, import_keras, require_full_install
-from training import real_data
+from training import head_refit, real_data
 from training.augment import single_band, style_augment
 from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
 from training.ood import write_ood_directory
@@ -46,7 +48,7 @@ MODEL_NAME = "multimodal_classifier_mixup_warmup_randaug_2.keras"
 SCALER_NAME = "feature_scaler.joblib"
 THRESHOLDS_NAME = "thresholds_prod_precision.json"
 FRAME_SIZES = (256, 384, 512, 640, 768, 1024)
-TRAIN_SEED, CALIBRATION_SEED, TEST_SEED = 1, 2, 3
+TRAIN_SEED, CALIBRATION_SEED, TEST_SEED, HEAD_REFIT_SEED = 1, 2, 3, 4
 OUTLIER_LABEL = "outlier"
 # Kinds of training/ood.py used for outlier exposure and the learned gate; the others (photographs from another
 # source, the Moon, planets, spectra, radio maps) are never seen before evaluation.
@@ -487,6 +489,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--outlier-kinds", default=",".join(OUTLIER_KINDS),
                         help="out-of-distribution kinds (training/ood.py) shown in training and fitted by the learned "
                              "gate; the other kinds stay held out for evaluation ('' for none)")
+    parser.add_argument("--head-refit-below", type=int, default=head_refit.SIMULATION_CLASS_MAX_REAL,
+                        help="refit the final layer's rows of classes with fewer real training files than this on "
+                             "fresh simulated frames (training/head_refit.py; 0: never)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the real-data split (and of training unless "
                                                               "--model-seed is given)")
     parser.add_argument("--model-seed", type=int, default=None,
@@ -515,9 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     test_dir = write_labelled_directory(work / "test", args.test_per_class, TEST_SEED)
     ood_dir = write_ood_directory(work / "ood")  # evaluation kinds
     ood_fit_dir = write_ood_directory(work / "ood_fit", seed=OOD_FIT_SEED, per_synthetic=20)  # the learned gate's
+    train_files = cap_per_source_class([f for f in real if f.split == "train"], args.max_real_per_source_class,
+                                       args.seed)
+    refit_rows = head_refit.simulation_classes(Counter(f.label for f in train_files), names, args.head_refit_below)
+    # every class: the other classes' frames are what the refitted rows must not claim
+    head_dir = write_labelled_directory(work / "head_refit", args.calibration_per_class, HEAD_REFIT_SEED) \
+        if refit_rows else None
     if not args.skip_train:
-        train_files = cap_per_source_class([f for f in real if f.split == "train"], args.max_real_per_source_class,
-                                           args.seed)
         real_train, unreadable = real_dataset(train_files, names, single_bands=True)
         for path, cause in unreadable:
             logger.warning("%s: unreadable, left out: %s", path, cause)
@@ -533,6 +542,8 @@ def main(argv: list[str] | None = None) -> int:
         del data
         model.save(model_path)
         joblib.dump(scaler, scaler_path)
+    refitted = head_refit.refit_model_head(model_path, scaler_path, calibration.labelled_files(head_dir, names),
+                                           names, refit_rows) if head_dir else None
     real_calibration = cap_per_source_class([f for f in real if f.split == "calibration"],
                                             max(args.max_real_per_source_class // 3, 1), args.seed)
     thresholds_path = args.out / THRESHOLDS_NAME
@@ -550,6 +561,7 @@ def main(argv: list[str] | None = None) -> int:
                               seen_objects={f.object_key for f in real if f.split == "train"},
                               loko=(calibrated.embeddings, fit_set))
     evaluation["real_data"] = real_data.summarise(real)
+    evaluation["head_refit"] = refitted
     write_json(args.out / "evaluation" / "evaluation.json", evaluation)
     logger.info("done in %.0f s; evaluation in %s", time.perf_counter() - started, args.out / "evaluation")
     print(json.dumps({"model": str(model_path), "scaler": str(scaler_path), "thresholds": str(thresholds_path),
