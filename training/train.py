@@ -522,10 +522,10 @@ def main(argv: list[str] | None = None) -> int:
     ood_fit_dir = write_ood_directory(work / "ood_fit", seed=OOD_FIT_SEED, per_synthetic=20)  # the learned gate's
     train_files = cap_per_source_class([f for f in real if f.split == "train"], args.max_real_per_source_class,
                                        args.seed)
-    refit_rows = head_refit.simulation_classes(Counter(f.label for f in train_files), names, args.head_refit_below)
+    simulation_rows = head_refit.simulation_classes(Counter(f.label for f in train_files), names, args.head_refit_below)
     # every class: the other classes' frames are what the refitted rows must not claim
     head_dir = write_labelled_directory(work / "head_refit", args.calibration_per_class, HEAD_REFIT_SEED) \
-        if refit_rows else None
+        if simulation_rows else None
     if not args.skip_train:
         real_train, unreadable = real_dataset(train_files, names, single_bands=True)
         for path, cause in unreadable:
@@ -543,7 +543,7 @@ def main(argv: list[str] | None = None) -> int:
         model.save(model_path)
         joblib.dump(scaler, scaler_path)
     refitted = head_refit.refit_model_head(model_path, scaler_path, calibration.labelled_files(head_dir, names),
-                                           names, refit_rows) if head_dir else None
+                                           names, simulation_rows) if head_dir else None
     real_calibration = cap_per_source_class([f for f in real if f.split == "calibration"],
                                             max(args.max_real_per_source_class // 3, 1), args.seed)
     thresholds_path = args.out / THRESHOLDS_NAME
