@@ -101,8 +101,8 @@ class OodGate:
     """Out-of-distribution gate: Mahalanobis distance of a file's embedding to the nearest class mean.
 
     Fitted on the calibration set (class means, pooled covariance); a file
-    farther than ``max_distance`` (a high quantile of the calibration
-    distances) abstains whatever its score.
+    farther than ``max_distance`` (a high quantile of the calibration files'
+    out-of-fold distances) abstains whatever its score.
     """
 
     means: np.ndarray  # (K, E)
@@ -111,15 +111,39 @@ class OodGate:
     quantile: float
 
     @classmethod
-    def fit(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float = 0.95,
-            ridge: float = 1e-3) -> OodGate:
+    def fit(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float = 0.95, ridge: float = 1e-3,
+            folds: int = 10) -> OodGate:
+        """Means and covariance from all files; ``max_distance`` the ``quantile`` of each file's distance under a
+        gate fitted without its fold (stratified, seeded), as a new file's would be: the covariance fitted to the
+        files themselves puts them closer than new ones (with a 192-wide embedding and 1,351 files: 0.95 quantile
+        109 in-sample against 121 out of fold, and 11.7% of new simulated files beyond the in-sample one).
+        ``folds`` < 2, or a class with a single file: in-sample distances."""
+        gate = cls._fitted(embeddings, labels, quantile, ridge)
+        return dataclasses.replace(gate, max_distance=float(np.quantile(
+            cls._out_of_fold_distances(embeddings, labels, quantile, ridge, folds), quantile)))
+
+    @classmethod
+    def _fitted(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float, ridge: float) -> OodGate:
         classes = np.unique(labels)
         means = np.stack([embeddings[labels == k].mean(axis=0) for k in classes])
         residuals = embeddings - means[np.searchsorted(classes, labels)]
         covariance = residuals.T @ residuals / len(embeddings)
         covariance += ridge * np.trace(covariance) / len(covariance) * np.eye(len(covariance))
-        gate = cls(means, np.linalg.inv(covariance), float("inf"), quantile)
-        return cls(means, gate.precision, float(np.quantile(gate.distance(embeddings), quantile)), quantile)
+        return cls(means, np.linalg.inv(covariance), float("inf"), quantile)
+
+    @classmethod
+    def _out_of_fold_distances(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float, ridge: float,
+                               folds: int) -> np.ndarray:
+        folds = min(folds, int(np.unique(labels, return_counts=True)[1].min()))
+        if folds < 2:
+            return cls._fitted(embeddings, labels, quantile, ridge).distance(embeddings)
+        from sklearn.model_selection import StratifiedKFold
+
+        distances = np.empty(len(labels))
+        for kept, held_out in StratifiedKFold(folds, shuffle=True, random_state=0).split(embeddings, labels):
+            gate = cls._fitted(embeddings[kept], labels[kept], quantile, ridge)
+            distances[held_out] = gate.distance(embeddings[held_out])
+        return distances
 
     def distance(self, embeddings: np.ndarray) -> np.ndarray:
         """Squared Mahalanobis distance to the nearest class mean, per row of ``embeddings``."""

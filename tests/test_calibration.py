@@ -123,6 +123,27 @@ def test_ood_gate_flags_far_points_at_the_chosen_quantile() -> None:
     np.testing.assert_allclose(restored.distance(far), gate.distance(far))
 
 
+def test_ood_gate_radius_holds_for_new_files_where_the_embedding_is_wide() -> None:
+    # 40 dimensions, 600 files: the covariance fitted to the files puts them closer than new files of the same
+    # distribution, so an in-sample quantile would turn away far more than 5% of new in-distribution files
+    rng = np.random.default_rng(2)
+    centres = rng.normal(0, 10, (3, 40))
+    labels = np.repeat(np.arange(3), 200)
+    embeddings = centres[labels] + rng.normal(0, 1, (600, 40))
+    fresh_labels = rng.integers(0, 3, 4000)
+    fresh = centres[fresh_labels] + rng.normal(0, 1, (4000, 40))
+    in_sample = ir.OodGate.fit(embeddings, labels, quantile=0.95, folds=1)
+    assert in_sample.is_outside(embeddings).mean() == pytest.approx(0.05, abs=0.01)
+    assert in_sample.is_outside(fresh).mean() > 0.1
+    gate = ir.OodGate.fit(embeddings, labels, quantile=0.95)
+    assert gate.max_distance > in_sample.max_distance
+    assert gate.is_outside(fresh).mean() == pytest.approx(0.05, abs=0.02)
+    np.testing.assert_array_equal(gate.means, in_sample.means)  # only the radius comes from the folds
+    # a class with a single file cannot be held out: in-sample, as with folds=1
+    single = ir.OodGate.fit(embeddings[:401], labels[:401], quantile=0.95)
+    assert single.max_distance == ir.OodGate.fit(embeddings[:401], labels[:401], quantile=0.95, folds=1).max_distance
+
+
 def test_mean_neighbour_distance_by_hand() -> None:
     reference = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
     queries = np.array([[0.0, 0.0], [3.0, 0.0]])

@@ -41,6 +41,16 @@ def test_evaluation_ran_on_the_default_files() -> None:
     assert EVALUATION["temperature"] == thresholds["temperature"]
 
 
+def test_model_card_operating_point_is_the_shipped_one() -> None:
+    thresholds = json.loads((ROOT / "thresholds_prod_precision.json").read_text())
+    bias = " / ".join("0" if value == 0 else f"{value:+.2f}" for value in thresholds["class_bias"])
+    assert (f"temperature **{thresholds['temperature']}** and a per-class bias on the\nlogits (galaxy / nebula / "
+            f"star_cluster / star_field / artifact {bias})") in MODEL_CARD
+    assert f"the temperature alone\nfits at {thresholds['fitted_temperature']['tta']:.3f}" in MODEL_CARD
+    radii = " / ".join(f"{value:.2f}" for value in thresholds["feature_gate"]["class_max_distance"])
+    assert f"artifact {radii};" in MODEL_CARD
+
+
 def test_readme_headline_is_the_real_validation() -> None:
     real = SUMMARY["real_validation"]
     match = re.search(r"On ([\d,]+) real validation images it labels ([\d.]+%) and\s+([\d.]+%) of those labels",
