@@ -119,8 +119,10 @@ class OodGate:
         109 in-sample against 121 out of fold, and 11.7% of new simulated files beyond the in-sample one).
         ``folds`` < 2, or a class with a single file: in-sample distances."""
         gate = cls._fitted(embeddings, labels, quantile, ridge)
-        return dataclasses.replace(gate, max_distance=float(np.quantile(
-            cls._out_of_fold_distances(embeddings, labels, quantile, ridge, folds), quantile)))
+        folds = min(folds, int(np.unique(labels, return_counts=True)[1].min()))
+        distances = cls._out_of_fold_distances(embeddings, labels, quantile, ridge, folds) if folds >= 2 \
+            else gate.distance(embeddings)
+        return dataclasses.replace(gate, max_distance=float(np.quantile(distances, quantile)))
 
     @classmethod
     def _fitted(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float, ridge: float) -> OodGate:
@@ -134,9 +136,6 @@ class OodGate:
     @classmethod
     def _out_of_fold_distances(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float, ridge: float,
                                folds: int) -> np.ndarray:
-        folds = min(folds, int(np.unique(labels, return_counts=True)[1].min()))
-        if folds < 2:
-            return cls._fitted(embeddings, labels, quantile, ridge).distance(embeddings)
         from sklearn.model_selection import StratifiedKFold
 
         distances = np.empty(len(labels))
