@@ -15,8 +15,10 @@ Each ensemble member's block is fitted on its own embedding, so the member gate 
 penalty keeps the members' refitted rows close enough that they still agree on in-distribution files: with a
 tenth of it (1e-3) simulated coverage reached 0.748, but the member gate's threshold (0.95 quantile of the
 calibration files' divergence) went from 0.058 to 0.258 and it stopped turning away planets and spectra; with
-1e-2 it is 0.065. The fit is convex (multinomial log-loss plus an L2 penalty on the rows' weights), so running
-it again gives the same rows.
+1e-2 it is 0.065. Refitting on 600 frames per class instead of the calibration set's 150 left the members
+agreeing more but, recalibrated, raised the star_field threshold to 0.980 (simulated coverage 0.713 -> 0.660).
+The fit is convex (multinomial log-loss plus an L2 penalty on the rows' weights), so running it again gives the
+same rows.
 """
 
 from __future__ import annotations
