@@ -38,6 +38,7 @@ class LabelledLogits:
     tiebreaks: np.ndarray  # (N,) each file's prediction-set tie-break (inference_runner.set_tiebreak)
     features: np.ndarray  # (N, F) scaled hand-crafted features (what the feature gate measures)
     identity_embeddings: np.ndarray  # (N, E) the untransformed view's: what a run without TTA gates on
+    input_styles: list[str]  # data_loader.input_style of each file
 
     def for_tta(self, tta: bool) -> np.ndarray:
         return self.view_logits if tta else self.view_logits[:, :1]
@@ -62,6 +63,7 @@ def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Pa
 
 def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]], batch_size: int) -> LabelledLogits:
     paths, logits, embeddings, labels, failed, tiebreaks, features, identity = [], [], [], [], [], [], [], []
+    styles: list[str] = []
     for (path, label), scored in zip(files, service.iter_scored([p for p, _ in files], batch_size, tta=True)):
         if scored.view_logits is None:
             failed.append((str(path), scored.error or "unknown error"))
@@ -73,10 +75,11 @@ def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]],
         tiebreaks.append(scored.tiebreak)
         features.append(scored.features)
         identity.append(scored.identity_embedding)
+        styles.append(data_loader.input_style(scored.info or {}))
     if failed:
         logger.warning("%d labelled files could not be read and are left out", len(failed))
     return LabelledLogits(paths, np.stack(logits), np.stack(embeddings), np.array(labels), failed,
-                          np.array(tiebreaks), np.stack(features), np.stack(identity))
+                          np.array(tiebreaks), np.stack(features), np.stack(identity), styles)
 
 
 # --------------------------------------------------------------------------- commands
@@ -544,6 +547,23 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
         }
         if ood is not None:
             result[key]["ood"] = ood_abstention(op, names, ood, temperature, tta)
+    result["per_input_style"] = by_input_style(op, data, temperature)
+    return result
+
+
+def by_input_style(op: ir.OperatingPoint, data: LabelledLogits, temperature: float) -> dict[str, Any]:
+    """Operating-point figures (with TTA) per ``data_loader.input_style``, and the share the gates turned away:
+    where every galaxy is a JPEG and every nebula a FITS file, the model may have learned the format."""
+    names = list(op.class_names)
+    probs = op.probabilities(data.for_tta(True), temperature)
+    inside = op.inside(data.embeddings, data.features, probs.argmax(axis=1))
+    styles = np.array(data.input_styles)
+    result = {}
+    for style in sorted(set(data.input_styles)):
+        rows = styles == style
+        result[style] = {**operating_point_metrics(probs[rows], data.labels[rows], names, op.thresholds[True],
+                                                   inside[rows]),
+                         "turned_away_by_gates": float(1.0 - inside[rows].mean())}
     return result
 
 

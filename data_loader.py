@@ -640,6 +640,24 @@ def _photo_plane(path: Path, kind: str, max_pixels: int) -> Iterator[tuple[_Stor
     yield _StoredPlane(data), info
 
 
+# Pillow modes whose pixels are not 8-bit (every other mode is, per channel)
+_PHOTO_MODE_PIXELS = {"1": "bilevel", "I;16": "uint16", "I;16L": "uint16", "I;16B": "uint16", "I": "int32",
+                      "F": "float32"}
+
+
+def input_style(info: dict[str, Any]) -> str:
+    """How a file stores its pixels, from ``Sample.info``: ``"fits int16"``, ``"tiff uint8 colour"``, ``"jpeg uint8
+    colour"``. Evaluation reports figures per style, since linear archive data and 8-bit display renderings of
+    the same sky look different to the model."""
+    if info.get("original_dtype"):
+        pixels = np.dtype(info["original_dtype"]).name
+    elif "original_mode" in info:
+        pixels = _PHOTO_MODE_PIXELS.get(info["original_mode"], "uint8")
+    else:
+        return str(info.get("format", "unknown"))
+    return f"{info.get('format', 'unknown')} {pixels}" + (" colour" if info.get("rule") == "luminance" else "")
+
+
 def _plane_reader(path: Path, kind: str, hdu: int | str | None, max_pixels: int, size: int, head: bytes
                   ) -> contextlib.AbstractContextManager[tuple[_StoredPlane, dict[str, Any]]]:
     if kind == "fits":

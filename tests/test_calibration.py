@@ -372,6 +372,14 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     assert result["tta"]["n"] == 20 and len(result["tta"]["confusion_matrix"]["counts"]) == 5
     assert sum(map(sum, result["tta"]["confusion_matrix"]["counts"])) == 20
     assert 0 <= result["tta"]["ood"]["abstained_fraction"] <= 1
+    styles = {path.name: ir.data_loader.input_style(ir.data_loader.load_sample(path).info)
+              for path in labelled.rglob("*") if path.is_file() and path.name != "broken.fits"}
+    by_style = result["per_input_style"]
+    assert {style: figures["n"] for style, figures in by_style.items()} == {
+        style: list(styles.values()).count(style) for style in set(styles.values())}
+    assert sum(f["per_class"][name]["accepted"] for f in by_style.values() for name in CLASS_NAMES) == sum(
+        result["tta"]["per_class"][name]["accepted"] for name in CLASS_NAMES), "the styles split the labels"
+    assert all(0 <= f["turned_away_by_gates"] <= 1 for f in by_style.values())
     for key in ("tta", "no_tta"):
         report = result[key]["prediction_sets"]
         assert report["target"] == 0.95 and report["n"] == 20 and 1 <= report["mean_set_size"] <= 5

@@ -18,7 +18,7 @@ from astropy.io import fits
 
 import data_loader as dl
 from data_loader import ImageLoadError
-from training.simulator import render_frame
+from training.simulator import render_frame, write_frame
 
 ASTROPY_DATA = Path(fits.__file__).parent / "tests" / "data"
 
@@ -287,7 +287,11 @@ def _galaxy_rgb(shape: tuple[int, int] = (120, 160)) -> np.ndarray:
     return np.stack([grey, (grey * 0.8).astype(np.uint8), (grey * 0.5).astype(np.uint8)], axis=-1)
 
 
-@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "I;16", "1"])
+PNG_MODE_STYLES = {"L": "png uint8", "RGB": "png uint8 colour", "RGBA": "png uint8 colour", "P": "png uint8 colour",
+                   "LA": "png uint8", "I;16": "png uint16", "1": "png bilevel"}
+
+
+@pytest.mark.parametrize("mode", list(PNG_MODE_STYLES))
 def test_png_modes_read_as_one_plane(tmp_path: Path, mode: str) -> None:
     from PIL import Image
 
@@ -310,7 +314,19 @@ def test_png_modes_read_as_one_plane(tmp_path: Path, mode: str) -> None:
     else:
         expected = np.asarray(image.convert("RGB"), dtype=np.float32) @ dl.LUMINANCE_WEIGHTS
         np.testing.assert_allclose(pixels, expected, atol=1e-3)
+    assert dl.input_style(info) == PNG_MODE_STYLES[mode]
     assert_model_ready(dl.load_sample(path))
+
+
+# the stored type: uint16 data go into FITS as int16 with BZERO 32768
+@pytest.mark.parametrize(("variant", "style"), [
+    ("fits_float32", "fits float32"), ("fits_int16", "fits int16"), ("fits_uint16", "fits int16"),
+    ("fits_rice", "fits int16"), ("fits_gz", "fits float32"), ("tiff_uint16", "tiff uint16"),
+    ("tiff_float32", "tiff float32"), ("tiff_rgb8", "tiff uint8 colour")])
+def test_input_style_names_format_pixel_type_and_colour(tmp_path: Path, variant: str, style: str) -> None:
+    path = write_frame(render_frame("galaxy", 1, 128), tmp_path / "frame", variant)
+    assert dl.input_style(dl.load_sample(path).info) == style
+    assert dl.input_style({}) == "unknown"
 
 
 @pytest.mark.parametrize("suffix", [".jpg", ".jpeg", ".JPG"])
@@ -323,6 +339,8 @@ def test_jpeg_colour_and_grey(tmp_path: Path, suffix: str) -> None:
     colour, info = dl.read_image(tmp_path / f"colour{suffix}")
     grey, _ = dl.read_image(tmp_path / f"grey{suffix}")
     assert info["format"] == "jpeg" and info["rule"] == "luminance"
+    assert dl.input_style(info) == "jpeg uint8 colour"
+    assert dl.input_style(dl.read_image(tmp_path / f"grey{suffix}")[1]) == "jpeg uint8"
     assert colour.shape == grey.shape == (120, 160)
     assert np.abs(colour - rgb.astype(np.float32) @ dl.LUMINANCE_WEIGHTS).mean() < 3, "JPEG loss only"
     assert np.corrcoef(colour.ravel(), grey.ravel())[0, 1] > 0.98

@@ -198,6 +198,13 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
     assert (out / "evaluation" / "real" / "reliability.png").exists()
     card = (out / "MODEL_CARD.md").read_text()
     assert "clouds" in card
+    by_style = evaluation["real_validation"]["per_input_style"]
+    assert set(by_style) <= {"fits float32", "png uint8", "jpeg uint8"}
+    assert sum(f["n"] for f in by_style.values()) == evaluation["real_validation"]["overall"]["n"]
+    for style, figures in by_style.items():  # a row per style, with its test files per class
+        counts = ", ".join(f"{name} {figures['per_class'][name]['support']}" for name in ("clouds", "spirals", "trails")
+                           if figures["per_class"][name]["support"])
+        assert f"| {style} | {counts} | {figures['coverage']:.1%} |" in card
     assert (f"Without TTA (`--no-tta`, a quarter of the model work, its own thresholds): coverage "
             f"{evaluation['summary']['real_validation_no_tta']['coverage']:.1%}") in card
 

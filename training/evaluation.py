@@ -76,7 +76,7 @@ def add_ood_classifier(model_path: Path, scaler_path: Path, thresholds_path: Pat
 def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.LabelledLogits:
     return calibration.LabelledLogits([data.paths[i] for i in rows], data.view_logits[rows], data.embeddings[rows],
                                       data.labels[rows], [], data.tiebreaks[rows], data.features[rows],
-                                      data.identity_embeddings[rows])
+                                      data.identity_embeddings[rows], [data.input_styles[i] for i in rows])
 
 
 def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float,
@@ -131,7 +131,8 @@ def real_breakdown(service: ir.ClassifierService, files: Sequence[LabelledFile],
                               "overall_no_tta": _brief(service, data, temperature, tta=False),  # --no-tta
                               "n_failed": len(data.failed),
                               "unseen_objects": _brief(service, _subset(data, np.nonzero(unseen)[0]), temperature)
-                              if unseen.any() else None, "per_source": {}}
+                              if unseen.any() else None, "per_source": {},
+                              "per_input_style": calibration.by_input_style(service.operating_point, data, temperature)}
     for source in sorted(set(sources)):
         rows = np.nonzero(sources == source)[0]
         result["per_source"][source] = _brief(service, _subset(data, rows), temperature)
