@@ -86,3 +86,12 @@ def test_model_card_figures_without_tta() -> None:
     assert (f"real validation coverage {real['coverage']:.3f}" in stated and f"(accuracy "
             f"{real['selective_accuracy']:.3f}), precision {precision}, ECE {real['ece']:.3f}; simulated coverage "
             f"{sim['coverage']:.3f}" in stated), "MODEL_CARD's paragraph on figures without TTA"
+
+
+def test_model_card_table_by_input_style() -> None:
+    for data, key in (("simulated test", EVALUATION["simulated_test"]), ("real validation",
+                                                                        EVALUATION["real_validation"])):
+        for style, figures in key["per_input_style"].items():
+            row = (f"| {data} | {style} | {figures['n']:,} | {figures['coverage']:.3f} | "
+                   f"{figures['turned_away_by_gates']:.3f} | {figures['top1_accuracy']:.3f} |")
+            assert row in MODEL_CARD, f"MODEL_CARD's table by input style: {row}"
