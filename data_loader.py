@@ -137,7 +137,9 @@ def parse_suffixes(text: str) -> tuple[str, ...]:
     return suffixes
 
 
-def _file_kind(path: Path) -> str:
+def file_format(path: str | os.PathLike[str]) -> str:
+    """``"fits"``, ``"tiff"``, ``"jpeg"`` or ``"png"``, from the file name; ImageLoadError for anything else."""
+    path = Path(path)
     name = path.name.lower()
     if name.endswith(TIFF_SUFFIXES):
         return "tiff"
@@ -319,7 +321,7 @@ def image_hdus(path: str | os.PathLike[str]) -> list[tuple[int, str | None]]:
         When the file is not a readable FITS file.
     """
     path = Path(path)
-    if _file_kind(path) != "fits":
+    if file_format(path) != "fits":
         raise ImageLoadError(path, "only FITS files have HDUs")
     _check_magic(path, "fits")
     with _astropy_warnings_logged(path):
@@ -687,7 +689,7 @@ def _open_plane(path: str | os.PathLike[str], hdu: int | str | None, max_pixels:
                 ) -> Iterator[tuple[_StoredPlane, dict[str, Any]]]:
     """Check the file, then hold its stored plane open for the caller (see :func:`read_image`)."""
     path = Path(path)
-    kind = _file_kind(path)
+    kind = file_format(path)
     size, head = _check_magic(path, kind)
     with _plane_reader(path, kind, hdu, max_pixels, size, head) as (plane, info):
         plane = _check_plane(path, plane)

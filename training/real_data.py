@@ -121,6 +121,25 @@ def summarise(files: Sequence[LabelledFile]) -> dict[str, dict[str, dict[str, in
     return counts
 
 
+def format_confounds(files: Sequence[LabelledFile], most: float = 0.8, few: float = 0.2) -> list[str]:
+    """A message for each class of which at least ``most`` of the files are of one file format that at most ``few``
+    of the other classes' files are: a model can learn such a class by its format (the shipped model's real data
+    taught that: most galaxies were survey cutouts, most nebulae processed photographs)."""
+    by_class: dict[str, Counter[str]] = {}
+    for f in files:
+        by_class.setdefault(f.label, Counter())[data_loader.file_format(f.path)] += 1
+    total = sum(by_class.values(), Counter())
+    messages = []
+    for label, formats in sorted(by_class.items()):
+        own_n, rest_n = sum(formats.values()), sum(total.values()) - sum(formats.values())
+        for kind, n in formats.items():
+            if rest_n and n / own_n >= most and (total[kind] - n) / rest_n <= few:
+                messages.append(f"class {label}: {n / own_n:.0%} of its files are {kind.upper()} against "
+                                f"{(total[kind] - n) / rest_n:.0%} of the other classes' files: the model can learn "
+                                f"it by its file format")
+    return messages
+
+
 def leaked_objects(files: Sequence[LabelledFile]) -> set[str]:
     """Object keys present both in training and outside it (must be empty for group splits)."""
     train = {f.object_key for f in files if f.split == "train"}

@@ -102,6 +102,10 @@ def train_on_directory(args: argparse.Namespace) -> dict[str, Any]:
     files = real_data.stratified_split(real_data.discover(args.labelled_dir), args.test_fraction,
                                        args.calibration_fraction, args.seed)
     label_names = check_classes(files, [])  # one class, or too few files: refused before any decoding
+    confounds = real_data.format_confounds(files)
+    for message in confounds:
+        logger.warning("%s; mix formats within each class where you can, and read the test figures by input style",
+                       message)
     training_files = cap_training_files([f for f in files if f.split == "train"], args.max_files_per_class, args.seed)
     with tempfile.TemporaryDirectory(prefix="astro-ood-") as scratch:
         ood_dir = write_ood_directory(Path(scratch) / "evaluation", per_photo=2, per_synthetic=8)
@@ -127,7 +131,8 @@ def train_on_directory(args: argparse.Namespace) -> dict[str, Any]:
         del data  # the decoded planes: calibration and evaluation stream their files
         evaluation = _calibrate_and_evaluate(args, usable, ordered, ood_dir, ood_fit_dir)
     trained = [f for f in training_files if str(f.path) not in bad]
-    evaluation.update(split=real_data.summarise(usable), unreadable=[{"path": p, "error": c} for p, c in unreadable],
+    evaluation.update(split=real_data.summarise(usable), format_confounds=confounds,
+                      unreadable=[{"path": p, "error": c} for p, c in unreadable],
                       trained_per_class={name: sum(f.label == name for f in trained) for name in ordered},
                       recipe=vars(recipe), start=args.start, seconds=round(time.perf_counter() - started, 1))
     write_json(args.output_dir / "evaluation" / "evaluation.json", evaluation)
@@ -256,6 +261,7 @@ def model_card(args: argparse.Namespace, names: list[str], evaluation: dict[str,
 
 * Data: `{args.labelled_dir}`; classes {", ".join(names)}; split by object (seed {args.seed}):
   `{json.dumps(evaluation["split"])}`. Unreadable files skipped: {len(evaluation["unreadable"])}.
+* Classes told apart by file format alone: {"; ".join(evaluation["format_confounds"]) or "none found"}.
 * Start: `{evaluation["start"]}`; recipe `{json.dumps(evaluation["recipe"])}`; {evaluation["seconds"]:.0f} s.
 * Operating point (`{THRESHOLDS_FILE}`): temperature {evaluation["temperature"]} and a per-class bias (fitted),
   target precision {args.target_precision} on the calibration files ({_precision_rule(args)}), a Mahalanobis
