@@ -123,8 +123,8 @@ def summarise(files: Sequence[LabelledFile]) -> dict[str, dict[str, dict[str, in
 
 def format_confounds(files: Sequence[LabelledFile], most: float = 0.8, few: float = 0.2) -> list[str]:
     """A message for each class of which at least ``most`` of the files are of one file format that at most ``few``
-    of the other classes' files are: a model can learn such a class by its format (the shipped model's real data
-    taught that: most galaxies were survey cutouts, most nebulae processed photographs)."""
+    of the other classes' files are: a model can learn such a class by its format, as the shipped model's could
+    have learned its real galaxies by their survey-cutout style."""
     by_class: dict[str, Counter[str]] = {}
     for f in files:
         by_class.setdefault(f.label, Counter())[data_loader.file_format(f.path)] += 1
