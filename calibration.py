@@ -615,6 +615,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
           f"{tta['selective_risk']}, ECE {tta['ece']['temperature_1']:.3f} (T=1) -> "
           f"{tta['ece']['operating_temperature']:.3f} (T={temperature})"
           + (f", OOD abstained {tta['ood']['abstained_fraction']:.1%}" if "ood" in tta else ""))
+    if len(result["per_input_style"]) > 1:
+        print("by input style: " + ", ".join(f"{style} {figures['n']} files, coverage {figures['coverage']:.1%}"
+                                             for style, figures in result["per_input_style"].items()))
     return ir.EXIT_OK
 
 

@@ -387,7 +387,10 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
         assert sum(v["n"] for v in report["per_set_size"].values()) == 20
     for plot in ("reliability.png", "risk_coverage.png", "confusion_matrix.png", "set_coverage.png"):
         assert (out_dir / plot).read_bytes()[:4] == b"\x89PNG"
-    assert "top-1" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "top-1" in printed
+    assert len(by_style) > 1 and "by input style: " + ", ".join(
+        f"{style} {f['n']} files, coverage {f['coverage']:.1%}" for style, f in by_style.items()) in printed
 
 
 def test_calibrate_and_evaluate_refuse_hdu_all(tiny_artifacts: dict[str, Path], tmp_path: Path,
