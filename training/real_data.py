@@ -123,20 +123,21 @@ def summarise(files: Sequence[LabelledFile]) -> dict[str, dict[str, dict[str, in
 
 def format_confounds(files: Sequence[LabelledFile], most: float = 0.8, few: float = 0.2) -> list[str]:
     """A message for each class of which at least ``most`` of the files are of one file format that at most ``few``
-    of the other classes' files are: a model can learn such a class by its format, as the shipped model's could
-    have learned its real galaxies by their survey-cutout style."""
+    of another class's files are: a model can tell those classes apart by their format, as the shipped model's
+    could have learned its real galaxies by their survey-cutout style."""
     by_class: dict[str, Counter[str]] = {}
     for f in files:
         by_class.setdefault(f.label, Counter())[data_loader.file_format(f.path)] += 1
-    total = sum(by_class.values(), Counter())
+    shares = {label: {kind: n / sum(counts.values()) for kind, n in counts.items()}
+              for label, counts in sorted(by_class.items())}
     messages = []
-    for label, formats in sorted(by_class.items()):
-        own_n, rest_n = sum(formats.values()), sum(total.values()) - sum(formats.values())
-        for kind, n in formats.items():
-            if rest_n and n / own_n >= most and (total[kind] - n) / rest_n <= few:
-                messages.append(f"class {label}: {n / own_n:.0%} of its files are {kind.upper()} against "
-                                f"{(total[kind] - n) / rest_n:.0%} of the other classes' files: the model can learn "
-                                f"it by its file format")
+    for label, own in shares.items():
+        for kind, share in own.items():
+            apart = [other for other in shares if other != label and shares[other].get(kind, 0.0) <= few]
+            if share >= most and apart:
+                against = ", ".join(f"{shares[other].get(kind, 0.0):.0%} of the {other} files" for other in apart)
+                messages.append(f"class {label}: {share:.0%} of its files are {kind.upper()} against {against}: "
+                                f"the model can tell them apart by file format")
     return messages
 
 

@@ -261,7 +261,7 @@ def model_card(args: argparse.Namespace, names: list[str], evaluation: dict[str,
 
 * Data: `{args.labelled_dir}`; classes {", ".join(names)}; split by object (seed {args.seed}):
   `{json.dumps(evaluation["split"])}`. Unreadable files skipped: {len(evaluation["unreadable"])}.
-* Classes told apart by file format alone: {"; ".join(evaluation["format_confounds"]) or "none found"}.
+* Format confounds: {"; ".join(evaluation["format_confounds"]) or "none found"}.
 * Start: `{evaluation["start"]}`; recipe `{json.dumps(evaluation["recipe"])}`; {evaluation["seconds"]:.0f} s.
 * Operating point (`{THRESHOLDS_FILE}`): temperature {evaluation["temperature"]} and a per-class bias (fitted),
   target precision {args.target_precision} on the calibration files ({_precision_rule(args)}), a Mahalanobis
