@@ -62,7 +62,7 @@ def test_format_confounds_name_classes_told_apart_by_file_format() -> None:
         "file format",
         "class spirals: 100% of its files are PNG against 0% of the clouds files: the model can tell them apart by "
         "file format"]
-    # a third class, half PNG and half TIFF: the spirals still stand apart from the clouds by format, not from it
+    # a third class, half PNG and half TIFF: the spirals stand apart from the clouds by format, not from the trails
     with_trails = real_data.format_confounds(apart + _as("trails", [".png"] * 5 + [".tif"] * 5))
     assert with_trails == [
         "class clouds: 90% of its files are FITS against 0% of the spirals files, 0% of the trails files: the model "
