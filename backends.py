@@ -50,18 +50,32 @@ class ModelBackend(Protocol):
     n_outputs: int
     outputs_probabilities: bool  # the first output is softmax probabilities (else logits)
 
+    tta_views: int  # views per file with TTA (:func:`tta_view_count`); one without
+
     def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
         """(B, 448, 448) float32 planes and (B, F) scaled features -> (B, V, K) scores and (B, V, E) embeddings
-        for the V views of :func:`tta_views`."""
+        for the V views of :func:`tta_views` (V = ``tta_views`` with TTA, else 1)."""
         ...
 
 
-def tta_views(images: np.ndarray, tta: bool) -> list[np.ndarray]:
-    """The views of (B, H, W) planes the model scores: identity, and with TTA the left-right flip, the up-down
-    flip and the 180-degree rotation (a sky image has no preferred orientation)."""
-    if not tta:
-        return [images]
-    return [images, images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
+FULL_TTA_VIEWS = 4  # identity, left-right flip, up-down flip, 180-degree rotation
+ROTATED_VIEW = "view_rotated_180"  # training.ensemble feeds alternate members each view through this sub-model
+
+
+def tta_views(images: np.ndarray, count: int) -> list[np.ndarray]:
+    """The first ``count`` (1, 2 or 4) views of (B, H, W) planes the model scores: identity, the left-right flip,
+    the up-down flip and the 180-degree rotation (a sky image has no preferred orientation)."""
+    views = [images, images[:, :, ::-1], images[:, ::-1, :], images[:, ::-1, ::-1]]
+    if count not in (1, 2, FULL_TTA_VIEWS):
+        raise ValueError(f"TTA takes 1, 2 or {FULL_TTA_VIEWS} views, not {count}")
+    return views[:count]
+
+
+def tta_view_count(model: Any) -> int:
+    """Views per file with TTA for a Keras model: 2 for an ensemble whose alternate members see each view rotated
+    by 180 degrees (two views then give its members the four views between them), else all four."""
+    rotated = any(layer.name == ROTATED_VIEW for layer in model.layers)
+    return 2 if rotated and ensemble_head(model) is not None else FULL_TTA_VIEWS
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:
@@ -238,10 +252,11 @@ class KerasBackend:
         self._image_input, self._feature_input, self.channels = describe_inputs(model, model_path)
         self.n_outputs = int(model.outputs[0].shape[-1])
         self.outputs_probabilities = ends_in_softmax(model)
+        self.tta_views = tta_view_count(model)
         self._model = forward_model(model)
 
     def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        views = tta_views(images, tta)
+        views = tta_views(images, self.tta_views if tta else 1)
         # every view of every file in one pass: (B * V, H, W, C), file-major
         stacked = np.stack(views, axis=1).reshape(-1, *images.shape[1:])[..., None]
         if self.channels == 3:
@@ -263,13 +278,16 @@ class LiteRTBackend:
 
     name = "litert"
 
-    def __init__(self, tflite_path: Path, threads: int | None = None) -> None:
+    def __init__(self, tflite_path: Path, threads: int | None = None, tta_views: int = FULL_TTA_VIEWS) -> None:
+        """``tta_views``: the Keras model's :func:`tta_view_count`, which the thresholds file records (a LiteRT
+        model does not say)."""
         if not installed("ai_edge_litert"):
             raise ArtifactError(f"{tflite_path}: the LiteRT runtime is not installed: {LITE_INSTALL}")
         from ai_edge_litert.interpreter import Interpreter
 
         self.artifact = tflite_path
         self.threads = threads or data_loader.available_cpus()
+        self.tta_views = tta_views
         try:
             self._interpreter = Interpreter(model_path=str(tflite_path), num_threads=self.threads)
             runner = self._interpreter.get_signature_runner(SIGNATURE)
@@ -302,7 +320,7 @@ class LiteRTBackend:
             self._views = views
 
     def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        views = tta_views(images, tta)
+        views = tta_views(images, self.tta_views if tta else 1)
         self._allocate(len(views))
         scores, embeddings = [], []
         for index in range(len(images)):
@@ -423,7 +441,7 @@ PIN_TOLERANCE = 1e-3  # largest |difference| of logits or embedding between a mo
 def export_difference(keras_model: KerasBackend, export: Path, n_probes: int = 4, seed: int = 0) -> float:
     """Largest absolute difference between the Keras model's and its LiteRT export's outputs on seeded probe
     inputs (uniform images, normal features): a stale or broken export shows here."""
-    lite = LiteRTBackend(export, threads=1)
+    lite = LiteRTBackend(export, threads=1, tta_views=keras_model.tta_views)
     if (keras_model.channels, keras_model.n_outputs) != (lite.channels, lite.n_outputs):
         return float("inf")
     rng = np.random.default_rng(seed)

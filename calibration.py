@@ -340,6 +340,7 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         "fitted_temperature": fitted,
         "target_precision": target_precision,
         "precision_confidence": precision_confidence,
+        "tta_views": service.backend.tta_views,  # what "tta" below was measured with
         "operating_points": points,
         "ood_gate": gate.to_json() if gate else None,
         "feature_gate": feature_gate.to_json() if feature_gate else None,

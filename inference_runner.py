@@ -32,6 +32,7 @@ import numpy as np
 import data_loader
 from backends import (
     BACKENDS,
+    FULL_TTA_VIEWS,
     ArtifactError,
     KerasBackend,
     LiteRTBackend,
@@ -401,6 +402,7 @@ class OperatingPoint:
     feature_gate: FeatureGate | None = None
     member_gate: MemberGate | None = None  # ensembles only
     class_bias: tuple[float, ...] | None = None  # added to the logits / T before softmax (None: zeros)
+    tta_views: int = FULL_TTA_VIEWS  # views per file with TTA the model was calibrated with (backends.tta_view_count)
 
     def probabilities(self, view_logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """Calibrated class probabilities of (..., V, K) view logits: this point's class bias and ``temperature``
@@ -465,7 +467,8 @@ class OperatingPoint:
             return cls(names, float(document["temperature"]), thresholds, document.get("model_sha256"),
                        document.get("scaler_sha256"), gate, str(path), document, learned,
                        document.get("litert_sha256"), features, members,
-                       None if bias is None else tuple(float(b) for b in bias))
+                       None if bias is None else tuple(float(b) for b in bias),
+                       int(document.get("tta_views", FULL_TTA_VIEWS)))
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
 
@@ -616,9 +619,14 @@ class ClassifierService:
         if self.backend.n_outputs != len(self.operating_point.class_names):
             raise ArtifactError(f"{self.backend.artifact}: model has {self.backend.n_outputs} outputs but the "
                                 f"operating point names {len(self.operating_point.class_names)} classes")
-        logger.info("loaded %s on %s, %s threads (%s outputs, %d image channels)", self.backend.artifact.name,
-                    self.backend.name, self.backend.threads,
-                    "probability" if self.backend.outputs_probabilities else "logit", self.backend.channels)
+        calibrated_views = self.operating_point.tta_views
+        if self.operating_point.document is not None and self.backend.tta_views != calibrated_views:
+            raise ArtifactError(f"{self.thresholds_path}: calibrated with {calibrated_views} TTA views per file, but "
+                                f"{self.model_path.name} takes {self.backend.tta_views}; recalibrate it")
+        logger.info("loaded %s on %s, %s threads (%s outputs, %d image channels, %d TTA views)",
+                    self.backend.artifact.name, self.backend.name, self.backend.threads,
+                    "probability" if self.backend.outputs_probabilities else "logit", self.backend.channels,
+                    self.backend.tta_views)
         self._lock = threading.Lock()  # one forward pass at a time per service (neither runtime is re-entrant)
 
     def _load_backend(self, requested: str, threads: int | None, inter_op_threads: int | None,
@@ -643,7 +651,7 @@ class ClassifierService:
                 raise ArtifactError(message)
             logger.warning("%s (continuing: mismatch allowed)", message)
         _check_pinned("LiteRT model", export, pinned, export_sha256, allow_mismatch)
-        return LiteRTBackend(export, threads), export_sha256
+        return LiteRTBackend(export, threads, self.operating_point.tta_views), export_sha256
 
     def _auto_backend(self, export: Path, export_sha256: str | None) -> str:
         """LiteRT where it is installed, its export is pinned and present, and no GPU would serve Keras better."""

@@ -89,7 +89,7 @@ def naive_rate(service: ir.ClassifierService, paths: list[Path], tta: bool) -> f
     for path in paths:
         sample = data_loader.load_sample(path, service.scaler)
         if isinstance(backend, KerasBackend):
-            views = np.concatenate(tta_views(sample.image[None], tta))
+            views = np.concatenate(tta_views(sample.image[None], backend.tta_views if tta else 1))
             backend._model.predict({backend._image_input: views[..., None],
                                     backend._feature_input: np.repeat(sample.features[None], len(views), 0)},
                                    verbose=0)

@@ -55,6 +55,34 @@ def test_shipped_thresholds_pin_the_shipped_export() -> None:
     assert document["litert_sha256"] == backends.sha256_of(export)
 
 
+def test_tta_views_are_the_first_of_identity_flips_and_rotation() -> None:
+    planes = np.arange(2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    four = backends.tta_views(planes, 4)
+    np.testing.assert_array_equal(four[1], planes[:, :, ::-1])
+    np.testing.assert_array_equal(four[3], np.rot90(planes, 2, axes=(1, 2)))
+    for count in (1, 2):
+        assert all(np.array_equal(a, b) for a, b in zip(backends.tta_views(planes, count), four[:count]))
+        assert len(backends.tta_views(planes, count)) == count
+    with pytest.raises(ValueError, match="1, 2 or 4"):
+        backends.tta_views(planes, 3)
+
+
+def test_shipped_ensemble_runs_two_views_on_both_runtimes(shipped: dict[str, ir.ClassifierService]) -> None:
+    assert json.loads(ir.DEFAULT_THRESHOLDS_PATH.read_text())["tta_views"] == 2
+    for service in shipped.values():
+        assert service.backend.tta_views == 2  # its second member sees them rotated: four views in all
+
+
+def test_thresholds_calibrated_with_other_tta_views_are_refused(tiny_artifacts: dict[str, Path],
+                                                                tmp_path: Path) -> None:
+    document = json.loads(tiny_artifacts["thresholds"].read_text())  # a single model: four views
+    document["tta_views"] = 2
+    thresholds = tmp_path / "thresholds.json"
+    thresholds.write_text(json.dumps(document))
+    with pytest.raises(ir.ArtifactError, match=r"calibrated with 2 TTA views per file, but .* takes 4; recalibrate"):
+        ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], thresholds, backend="keras")
+
+
 @pytest.mark.parametrize("tta", [True, False])
 def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[str, ir.ClassifierService],
                                                                 synthetic_set: list[Path], tta: bool) -> None:

@@ -340,6 +340,7 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     document = json.loads(output.read_text())
     assert document["class_names"] == list(CLASS_NAMES) and document["temperature"] == 0.7
     assert len(document["class_bias"]) == 5 and document["class_bias"][0] == 0.0
+    assert document["tta_views"] == 4  # a single model sees every view (an ensemble's members split them)
     assert document["model_sha256"] == ir.sha256_of(tiny_artifacts["model"])
     assert document["calibration_data"] == {"n_files": 20, "n_failed": 1, "per_class": dict.fromkeys(CLASS_NAMES, 4)}
     for key in ("tta", "no_tta"):

@@ -1,4 +1,4 @@
-"""training.ensemble: members merged into one model whose logits are their mean."""
+"""training.ensemble: members merged into one model whose logits are their mean, member 1 on the rotated view."""
 
 from __future__ import annotations
 
@@ -14,21 +14,39 @@ from sklearn.preprocessing import StandardScaler
 import calibration
 import data_loader
 import inference_runner as ir
-from backends import KerasBackend, embedding_tensor, ensemble_head, export_difference, export_litert, load_keras_model
-from training.ensemble import main, merge
+from backends import (
+    MEMBER_PREFIX,
+    KerasBackend,
+    embedding_tensor,
+    ensemble_head,
+    export_difference,
+    export_litert,
+    final_layer,
+    load_keras_model,
+    tta_view_count,
+)
+from training.ensemble import main, merge, remerge
 from training.train import MODEL_NAME, SCALER_NAME, build_model
 
 
 def _member(seed: int, n_classes: int = 5):
+    """An untrained member, its stem scaled up so that its outputs depend on the image's orientation (an
+    untrained model's barely depend on the image at all)."""
     import keras
 
     keras.utils.set_random_seed(seed)
-    return build_model(n_classes, data_loader.N_FEATURES)
+    model = build_model(n_classes, data_loader.N_FEATURES)
+    stem = model.get_layer("stem")
+    stem.set_weights([300 * weights for weights in stem.get_weights()])
+    return model
 
 
 def _inputs(n: int = 3) -> dict[str, np.ndarray]:
+    """Noise on a ramp that rises to the right and down: every flip of it is a different image."""
     rng = np.random.default_rng(1)
-    return {"image": rng.normal(size=(n, data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE, 1)).astype("float32"),
+    size = data_loader.IMAGE_SIZE
+    ramp = np.linspace(0, 3, size)[None, None, :, None] * np.linspace(0, 1, size)[None, :, None, None]
+    return {"image": (ramp + 0.1 * rng.normal(size=(n, size, size, 1))).astype("float32"),
             "features": rng.normal(size=(n, data_loader.N_FEATURES)).astype("float32")}
 
 
@@ -40,17 +58,76 @@ def _member_dir(directory: Path, seed: int, scaler_mean: float = 0.0) -> Path:
     return directory
 
 
+def _rotated(x: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {**x, "image": x["image"][:, ::-1, ::-1]}
+
+
+def _members_mean(members: list, x: dict[str, np.ndarray]) -> np.ndarray:
+    """The mean of the members' logits, every other member on the 180-degree rotation of the image."""
+    return np.mean([np.asarray(m.predict_on_batch(_rotated(x) if i % 2 else x)) for i, m in enumerate(members)],
+                   axis=0)
+
+
 def test_merged_logits_are_the_members_mean_and_the_embedding_holds_both(tmp_path: Path) -> None:
     members = [_member(0), _member(1)]
     merged = merge(members)
     x = _inputs()
-    expected = np.mean([np.asarray(m.predict_on_batch(x)) for m in members], axis=0)
+    expected = _members_mean(members, x)
+    unrotated = np.mean([np.asarray(m.predict_on_batch(x)) for m in members], axis=0)
+    assert np.abs(unrotated - expected).max() > 1e-4  # member 1 does see another view (tolerance below: 1e-5)
     assert np.abs(np.asarray(members[0].predict_on_batch(x)) - expected).max() > 1e-3  # the members differ
     np.testing.assert_allclose(np.asarray(merged.predict_on_batch(x)), expected, atol=1e-5)
     assert embedding_tensor(merged).shape[-1] == 2 * embedding_tensor(members[0]).shape[-1]
     merged.save(tmp_path / "merged.keras")
     reloaded = load_keras_model(tmp_path / "merged.keras")
     np.testing.assert_allclose(np.asarray(reloaded.predict_on_batch(x)), expected, atol=1e-5)
+    assert tta_view_count(reloaded) == 2 and tta_view_count(members[0]) == 4
+
+
+def test_two_tta_views_give_the_members_all_four_views_between_them(tmp_path: Path) -> None:
+    members = [_member(0), _member(1)]
+    path = tmp_path / "merged.keras"
+    merge(members).save(path)
+    backend = KerasBackend(path)
+    x = _inputs(2)
+    logits, _ = backend.forward(x["image"][..., 0], x["features"], tta=True)
+    assert logits.shape == (2, 2, 5)
+    image = x["image"]
+    views = {"identity": image, "lr": image[:, :, ::-1], "ud": image[:, ::-1, :], "rot": image[:, ::-1, ::-1]}
+    member_logits = {(m, v): np.asarray(members[m].predict_on_batch({**x, "image": views[v]}))
+                     for m, seen in ((0, ("identity", "lr")), (1, ("rot", "ud"))) for v in seen}
+    np.testing.assert_allclose(logits.mean(axis=1), np.mean(list(member_logits.values()), axis=0), atol=1e-5)
+    one, _ = backend.forward(x["image"][..., 0], x["features"], tta=False)
+    assert one.shape == (2, 1, 5)
+
+
+def _merged_before_views_were_split(members: list):
+    """An ensemble as training.ensemble merged them before: every member on the same view."""
+    import keras
+
+    inputs = {"image": keras.Input((data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE, 1), name="image"),
+              "features": keras.Input((data_loader.N_FEATURES,), name="features")}
+    trunks = [keras.Model(m.inputs, embedding_tensor(m), name=f"{MEMBER_PREFIX}{i}") for i, m in enumerate(members)]
+    head = keras.layers.Dense(5, name="logits")
+    logits = head(keras.layers.Concatenate(name="embedding")(
+        [trunk([inputs[t.name.split(":")[0]] for t in trunk.inputs]) for trunk in trunks]))
+    head.set_weights([np.concatenate([final_layer(m).get_weights()[0] for m in members]) / 2,
+                      np.mean([final_layer(m).get_weights()[1] for m in members], axis=0)])
+    return keras.Model(inputs, logits, name="multimodal_ensemble")
+
+
+def test_remerge_feeds_an_older_ensembles_second_member_the_rotated_view(tmp_path: Path) -> None:
+    members = [_member(0), _member(1)]
+    old = tmp_path / "old.keras"
+    _merged_before_views_were_split(members).save(old)
+    assert tta_view_count(load_keras_model(old)) == 4
+    assert main(["--remerge", str(old), "--out", str(tmp_path / "out")]) == 0
+    new = load_keras_model(tmp_path / "out" / MODEL_NAME)
+    np.testing.assert_allclose(np.asarray(new.predict_on_batch(_inputs())), _members_mean(members, _inputs()),
+                               atol=1e-5)
+    assert tta_view_count(new) == 2
+    with pytest.raises(ValueError, match="before views were split"):
+        remerge(new)  # already split: a second remerge would rotate member 1 twice
 
 
 def test_merged_model_exports_to_litert_with_the_same_outputs(tmp_path: Path) -> None:
@@ -72,8 +149,7 @@ def test_command_merges_directories_and_copies_the_scaler(tmp_path: Path) -> Non
     assert main(["--member", str(a), "--member", str(b), "--out", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / SCALER_NAME).read_bytes() == (a / SCALER_NAME).read_bytes()
     merged = load_keras_model(tmp_path / "out" / MODEL_NAME)
-    expected = np.mean([np.asarray(load_keras_model(d / MODEL_NAME).predict_on_batch(_inputs())) for d in (a, b)],
-                       axis=0)
+    expected = _members_mean([load_keras_model(d / MODEL_NAME) for d in (a, b)], _inputs())
     np.testing.assert_allclose(np.asarray(merged.predict_on_batch(_inputs())), expected, atol=1e-5)
 
 

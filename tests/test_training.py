@@ -231,7 +231,9 @@ def test_train_command_end_to_end_on_custom_classes(custom_tree: Path, tmp_path:
         counts = ", ".join(f"{name} {figures['per_class'][name]['support']}" for name in ("clouds", "spirals", "trails")
                            if figures["per_class"][name]["support"])
         assert f"| {style} | {counts} | {figures['coverage']:.1%} |" in card
-    assert (f"Without TTA (`--no-tta`, a quarter of the model work, its own thresholds): coverage "
+    start_views = json.loads(ir.DEFAULT_THRESHOLDS_PATH.read_text())["tta_views"]
+    assert evaluation["tta_views"] == start_views == json.loads((out / "thresholds.json").read_text())["tta_views"]
+    assert (f"Without TTA (`--no-tta`: one view instead of {start_views}, its own thresholds):\ncoverage "
             f"{evaluation['summary']['real_validation_no_tta']['coverage']:.1%}") in card
 
     report = tmp_path / "report.json"

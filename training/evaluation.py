@@ -152,7 +152,7 @@ def evaluate_all(model_path: Path, scaler_path: Path, thresholds_path: Path, cla
     temperature = service.operating_point.temperature
     output_dir.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"artifacts": calibration.evaluated_artifacts(service), "temperature": temperature,
-                              "class_names": class_names}
+                              "tta_views": service.backend.tta_views, "class_names": class_names}
     if simulated_test:
         data = calibration.collect_logits(service, simulated_test, BATCH_SIZE)
         result["simulated_test"] = calibration.evaluate(service, data, temperature, None)

@@ -284,8 +284,9 @@ By how the files store their pixels (a class that comes in one format only may b
 | --- | --- | --- | --- |
 {styles}
 
-Without TTA (`--no-tta`, a quarter of the model work, its own thresholds): coverage {_percent(one_view["coverage"])},
-accuracy of what is labelled {_percent(one_view["selective_accuracy"])}, ECE {one_view["ece"]:.3f}.
+Without TTA (`--no-tta`: one view instead of {evaluation["tta_views"]}, its own thresholds):
+coverage {_percent(one_view["coverage"])}, accuracy of what is labelled {_percent(one_view["selective_accuracy"])},
+ECE {one_view["ece"]:.3f}.
 
 Out-of-distribution images abstained on, per kind: {ood}.
 
