@@ -26,7 +26,7 @@ from backends import (
     tta_view_count,
 )
 from training.ensemble import main, merge, remerge
-from training.train import MODEL_NAME, SCALER_NAME, build_model
+from training.train import MODEL_NAME, SCALER_NAME, build_model, freeze_stems
 
 
 def _member(seed: int, n_classes: int = 5):
@@ -212,3 +212,25 @@ def test_member_gate_is_fitted_for_a_merged_model_only(tmp_path: Path) -> None:
     assert gate is not None and gate.sizes == (96, 96) and gate.temperature == 0.6
     assert calibration.fit_member_gate(single, embeddings[:, :96], 0.6, 0.95) is None
     assert calibration.fit_member_gate(merged, embeddings, 0.6, None) is None
+
+
+def test_freeze_stems_keeps_each_members_stem_and_trains_the_rest() -> None:
+    import keras
+
+    merged = merge([_member(0), _member(1)])
+    assert freeze_stems(merged) == 4  # each member's stem and its batch norm
+    members = [merged.get_layer(f"{MEMBER_PREFIX}{i}") for i in (0, 1)]
+    before = {id(w): np.array(w) for w in merged.weights}
+    merged.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    merged.train_on_batch(_inputs(2), np.eye(5)[[0, 3]])
+
+    def moved(layer) -> bool:
+        return any(not np.array_equal(before[id(w)], np.array(w)) for w in layer.weights)
+
+    for member in members:
+        sepconvs = [layer for layer in member.layers if isinstance(layer, keras.layers.SeparableConv2D)]
+        stem_and_norm = member.layers[: member.layers.index(sepconvs[0])]
+        assert next(layer.name for layer in stem_and_norm if layer.weights) == "stem"
+        assert not any(moved(layer) for layer in stem_and_norm)  # kernel and batch-norm statistics alike
+        assert moved(sepconvs[0]) and moved(sepconvs[-1])
+    assert moved(final_layer(merged))

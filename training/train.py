@@ -228,6 +228,24 @@ def build_model(n_classes: int, n_features: int, image_size: int = data_loader.I
     return keras.Model({"image": image_in, "features": feature_in}, logits, name="multimodal_classifier")
 
 
+def freeze_stems(model) -> int:
+    """Freeze each network's layers before its first separable convolution (the stem and its batch norm; in an
+    ensemble, each member's); returns how many. Their weights stay as trained and no gradient is computed through
+    them: the stem's backward pass over the full-resolution image is half of a training step on CPU (measured on the
+    shipped ensemble, 2 cores, batches of 32: 1.73 s per step, 0.90 s with the stems frozen)."""
+    keras = import_keras()
+    networks = [layer for layer in model.layers if hasattr(layer, "layers")] or [model]
+    frozen = 0
+    for network in networks:
+        for layer in network.layers:
+            if isinstance(layer, keras.layers.SeparableConv2D):
+                break
+            if layer.weights:
+                layer.trainable = False
+                frozen += 1
+    return frozen
+
+
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int):
     """Linear warmup to ``peak`` then cosine decay to zero."""
     keras = import_keras()
@@ -394,6 +412,7 @@ class Recipe:
     style_strength: float = 1.0
     width: int = 2  # channel multiplier of a model built from scratch
     seed: int = 0
+    frozen_stems: bool = False  # fine-tuning: keep each network's stem (first convolution, batch norm) as it is
 
 
 def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, initial_model=None,
@@ -406,6 +425,8 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
     n_classes = len(class_names)
     model = initial_model if initial_model is not None else build_model(n_classes, data_loader.N_FEATURES,
                                                                         width=recipe.width)
+    if recipe.frozen_stems:
+        logger.info("stems kept as they are: %d layers frozen", freeze_stems(model))
     steps_per_epoch = max(recipe.per_class * n_classes // recipe.batch_size, 1)
     schedule = warmup_cosine(recipe.peak_lr, warmup_steps=steps_per_epoch, total_steps=steps_per_epoch * recipe.epochs)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),

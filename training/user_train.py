@@ -92,7 +92,8 @@ def _class_order(names: list[str], shipped: list[str]) -> list[str]:
 def _recipe(start: str, epochs: int | None, train_counts: list[int], seed: int) -> train.Recipe:
     per_class = int(np.clip(np.median(train_counts), 64, 300))
     if start == "default":
-        return train.Recipe(epochs=epochs or 16, per_class=per_class, peak_lr=5e-4, seed=seed, real_share=1.0)
+        return train.Recipe(epochs=epochs or 16, per_class=per_class, peak_lr=5e-4, seed=seed, real_share=1.0,
+                            frozen_stems=True)
     return train.Recipe(epochs=epochs or train.Recipe.epochs, per_class=per_class, seed=seed, real_share=1.0)
 
 
