@@ -220,12 +220,12 @@ def test_freeze_stems_keeps_each_members_stem_and_trains_the_rest() -> None:
     merged = merge([_member(0), _member(1)])
     assert freeze_stems(merged) == 4  # each member's stem and its batch norm
     members = [merged.get_layer(f"{MEMBER_PREFIX}{i}") for i in (0, 1)]
-    before = {id(w): np.array(w) for w in merged.weights}
+    before = {id(w): w.numpy() for w in merged.weights}
     merged.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
     merged.train_on_batch(_inputs(2), np.eye(5)[[0, 3]])
 
     def moved(layer) -> bool:
-        return any(not np.array_equal(before[id(w)], np.array(w)) for w in layer.weights)
+        return any(not np.array_equal(before[id(w)], w.numpy()) for w in layer.weights)
 
     for member in members:
         sepconvs = [layer for layer in member.layers if isinstance(layer, keras.layers.SeparableConv2D)]
