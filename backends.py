@@ -71,11 +71,15 @@ def tta_views(images: np.ndarray, count: int) -> list[np.ndarray]:
     return views[:count]
 
 
+def has_rotated_view(model: Any) -> bool:
+    """Whether a Keras model feeds some of its layers the image rotated by 180 degrees (``training.ensemble``)."""
+    return any(layer.name == ROTATED_VIEW for layer in model.layers)
+
+
 def tta_view_count(model: Any) -> int:
     """Views per file with TTA for a Keras model: 2 for an ensemble whose alternate members see each view rotated
     by 180 degrees (two views then give its members the four views between them), else all four."""
-    rotated = any(layer.name == ROTATED_VIEW for layer in model.layers)
-    return 2 if rotated and ensemble_head(model) is not None else FULL_TTA_VIEWS
+    return 2 if has_rotated_view(model) and ensemble_head(model) is not None else FULL_TTA_VIEWS
 
 
 def sha256_of(path: str | os.PathLike[str]) -> str:

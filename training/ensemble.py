@@ -39,6 +39,7 @@ from backends import (
     describe_inputs,
     embedding_tensor,
     final_layer,
+    has_rotated_view,
     import_keras,
     load_keras_model,
 )
@@ -91,7 +92,7 @@ def remerge(ensemble):
     same member sub-models and final layer, every other member fed the rotated view."""
     trunks = sorted((layer for layer in ensemble.layers if layer.name.startswith(MEMBER_PREFIX)),
                     key=lambda layer: int(layer.name[len(MEMBER_PREFIX):]))
-    if len(trunks) < 2 or any(layer.name == ROTATED_VIEW for layer in ensemble.layers):
+    if len(trunks) < 2 or has_rotated_view(ensemble):
         raise ValueError(f"{ensemble.name}: not an ensemble merged by training.ensemble before views were split")
     return assemble(trunks, final_layer(ensemble).get_weights(), ensemble.name)
 
