@@ -39,12 +39,18 @@ class LabelledLogits:
     features: np.ndarray  # (N, F) scaled hand-crafted features (what the feature gate measures)
     identity_embeddings: np.ndarray  # (N, E) the untransformed view's: what a run without TTA gates on
     input_styles: list[str]  # data_loader.input_style of each file
+    smooth_fractions: np.ndarray  # (N,) what the smooth-area gate measures (data_loader.smooth_fraction)
 
     def for_tta(self, tta: bool) -> np.ndarray:
         return self.view_logits if tta else self.view_logits[:, :1]
 
     def embeddings_for(self, tta: bool) -> np.ndarray:
         return self.embeddings if tta else self.identity_embeddings
+
+    def inside(self, op: ir.OperatingPoint, probs: np.ndarray, tta: bool = True) -> np.ndarray:
+        """Which files every gate of ``op`` lets through, given their probabilities (the top class sets the
+        radii of the gates that have one per class)."""
+        return op.inside(self.embeddings_for(tta), self.features, probs.argmax(axis=1), self.smooth_fractions)
 
 
 def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Path, int]]:
@@ -64,6 +70,7 @@ def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Pa
 def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]], batch_size: int) -> LabelledLogits:
     paths, logits, embeddings, labels, failed, tiebreaks, features, identity = [], [], [], [], [], [], [], []
     styles: list[str] = []
+    smooth: list[float] = []
     for (path, label), scored in zip(files, service.iter_scored([p for p, _ in files], batch_size, tta=True)):
         if scored.view_logits is None:
             failed.append((str(path), scored.error or "unknown error"))
@@ -76,10 +83,12 @@ def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]],
         features.append(scored.features)
         identity.append(scored.identity_embedding)
         styles.append(data_loader.input_style(scored.info or {}))
+        smooth.append(scored.smooth_fraction)
     if failed:
         logger.warning("%d labelled files could not be read and are left out", len(failed))
     return LabelledLogits(paths, np.stack(logits), np.stack(embeddings), np.array(labels), failed,
-                          np.array(tiebreaks), np.stack(features), np.stack(identity), styles)
+                          np.array(tiebreaks), np.stack(features), np.stack(identity), styles,
+                          np.array(smooth, dtype=np.float64))
 
 
 # --------------------------------------------------------------------------- commands
@@ -305,6 +314,8 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
     neighbours = min(feature_neighbours, len(data.labels) - 1)
     feature_gate = ir.FeatureGate.fit(data.features, neighbours, ood_quantile, data.labels, len(names)) \
         if ood_quantile and neighbours > 0 else None
+    smooth_gate = ir.SmoothGate.fit(data.smooth_fractions, data.labels, len(names), ood_quantile) \
+        if ood_quantile else None
     points: dict[str, Any] = {}
     sets: dict[str, Any] = {"method": ir.SET_METHOD, "coverage": set_coverage,
                             "class_conditional": class_conditional_sets, "n_calibration": len(data.labels)}
@@ -345,6 +356,7 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
         "ood_gate": gate.to_json() if gate else None,
         "feature_gate": feature_gate.to_json() if feature_gate else None,
         "member_gate": member_gate.to_json() if member_gate else None,
+        "smooth_gate": smooth_gate.to_json() if smooth_gate else None,
         "prediction_sets": sets if set_coverage is not None else None,
         "model_file": service.model_path.name,
         "model_sha256": service.model_sha256,
@@ -531,7 +543,7 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
     for key, tta in (("tta", True), ("no_tta", False)):
         logits = data.for_tta(tta)
         probs = op.probabilities(logits, temperature)
-        inside = op.inside(data.embeddings_for(tta), data.features, probs.argmax(axis=1))
+        inside = data.inside(op, probs, tta)
         if tta:
             result["ood_gate_rejected_in_distribution"] = float(1.0 - inside.mean())
         fitted = op.document.get("fitted_temperature", {}).get(key) if op.document else None
@@ -557,7 +569,7 @@ def by_input_style(op: ir.OperatingPoint, data: LabelledLogits, temperature: flo
     where every galaxy is a JPEG and every nebula a FITS file, the model may have learned the format."""
     names = list(op.class_names)
     probs = op.probabilities(data.for_tta(True), temperature)
-    inside = op.inside(data.embeddings, data.features, probs.argmax(axis=1))
+    inside = data.inside(op, probs)
     styles = np.array(data.input_styles)
     result = {}
     for style in sorted(set(data.input_styles)):
@@ -575,8 +587,7 @@ def ood_abstention(op: ir.OperatingPoint, class_names: Sequence[str], data: Labe
     thresholds = op.thresholds[tta]
     return {"n": len(probs),
             "abstained_fraction": float((~accepted_mask(probs, class_names, thresholds,
-                                                        op.inside(data.embeddings_for(tta), data.features,
-                                                                  probs.argmax(axis=1)))).mean()),
+                                                        data.inside(op, probs, tta))).mean()),
             "abstained_fraction_thresholds_only": float((~accepted_mask(probs, class_names, thresholds)).mean())}
 
 
@@ -661,8 +672,7 @@ def write_plots(directory: Path, service: ir.ClassifierService, data: LabelledLo
     written.append(_save(fig, directory / "risk_coverage.png"))
 
     matrix = np.array(confusion_matrix(probs, data.labels, service.operating_point.thresholds[True], names,
-                                       service.operating_point.inside(data.embeddings, data.features,
-                                                                      predicted)))
+                                       data.inside(service.operating_point, probs)))
     fig, ax = plt.subplots(figsize=(6, 5))
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(len(names) + 1), [*names, UNKNOWN], rotation=45, ha="right")

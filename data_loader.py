@@ -76,6 +76,10 @@ CLIP_HIGH_PERCENTILE = 99.8
 ASINH_SOFTENING = 10.0
 LUMINANCE_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
 SOURCE_SIGMA = 5.0  # detection threshold for "sources", in robust standard deviations
+# Smooth areas (smooth_fraction): blocks of SMOOTH_BLOCK^2 of the 224x224 block means whose standard deviation is
+# below SMOOTH_SPREAD of the image's range (0.5th to 99.9th percentile), at a level more than SMOOTH_LEVEL of that
+# range above its bottom (the dark sky is left out) and below its top (so are saturated stars).
+SMOOTH_BLOCK, SMOOTH_SPREAD, SMOOTH_LEVEL = 8, 0.004, 0.15
 
 FEATURE_NAMES: tuple[str, ...] = (
     "log_noise",  # log10 of the robust sigma relative to the image's range
@@ -117,6 +121,7 @@ class Sample:
     image: np.ndarray  # (448, 448) float32 in [0, 1]
     features: np.ndarray  # (N_FEATURES,) float32, scaled when a scaler was given
     info: dict[str, Any] = field(default_factory=dict)
+    smooth_fraction: float = 0.0  # what the smooth-area gate measures (:func:`smooth_fraction`); not a model input
 
 
 # --------------------------------------------------------------------------- reading
@@ -1022,6 +1027,26 @@ def _features(half: np.ndarray, q: dict[float, float]) -> np.ndarray:
     return np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
 
 
+def smooth_fraction(half: np.ndarray, q: dict[float, float]) -> float:
+    """Share of the image in smooth areas above the dark sky, from the 224x224 block means and their percentiles.
+
+    Photographs have them (an out-of-focus background, a petal, a wall); a sky image's areas above its
+    background carry noise or grain. Blocks tile the 224x224 view exactly, so flips and 90-degree rotations
+    give the same value. Not a model input: a gate (inference_runner.SmoothGate) reads it.
+    """
+    low, high = q[CLIP_LOW_PERCENTILE], q[99.9]
+    span = high - low
+    if not span > 0:
+        return 0.0
+    blocks = SMOOTH_BLOCK * (half.shape[0] // SMOOTH_BLOCK)
+    tiles = half[:blocks, :blocks].reshape(blocks // SMOOTH_BLOCK, SMOOTH_BLOCK, blocks // SMOOTH_BLOCK,
+                                           SMOOTH_BLOCK).swapaxes(1, 2)
+    spread = tiles.std(axis=(2, 3))
+    level = tiles.mean(axis=(2, 3)) - np.float32(low)
+    # below the 99.9th percentile: a saturated star's flat top is not a photograph's smooth area
+    return float(np.mean((spread < SMOOTH_SPREAD * span) & (level > SMOOTH_LEVEL * span) & (level < span)))
+
+
 def extract_features(small: np.ndarray, percentiles: dict[float, float] | None = None) -> np.ndarray:
     """Hand-crafted features of a finite 448x448 plane (before stretch), in FEATURE_NAMES order.
 
@@ -1085,7 +1110,8 @@ def sample_from_small(small: np.ndarray, missing_fraction: float = 0.0, scaler: 
     features = apply_scaler(_features(half, percentiles), scaler)
     facts = dict(info or {})
     facts["missing_fraction"] = missing_fraction
-    return Sample(image=stretch(small, percentiles), features=features, info=facts)
+    return Sample(image=stretch(small, percentiles), features=features, info=facts,
+                  smooth_fraction=smooth_fraction(half, percentiles))
 
 
 def sample_from_array(image: np.ndarray, scaler: Any | None = None, info: dict[str, Any] | None = None) -> Sample:

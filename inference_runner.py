@@ -332,6 +332,42 @@ class MemberGate:
 
 
 @dataclass(frozen=True)
+class SmoothGate:
+    """Out-of-distribution gate on a file's smooth areas above the dark sky (``data_loader.smooth_fraction``).
+
+    Photographs have them (an out-of-focus background, a petal, a wall); the areas of a sky image above its
+    background carry noise or grain. A photograph can sit among the nebula photographs both in the network's
+    embedding and in the hand-crafted features, and still show a smooth background no nebula has. Fitted on
+    calibration files alone, like the feature gate: ``class_max_fraction`` is the ``quantile`` of each class's
+    own files, and a file abstains when its share lies above that of the class it is given.
+    """
+
+    class_max_fraction: tuple[float, ...]
+    quantile: float
+
+    @classmethod
+    def fit(cls, fractions: np.ndarray, labels: np.ndarray, n_classes: int, quantile: float = 0.95) -> SmoothGate:
+        """Each class's ``quantile`` of its calibration files' fractions (a class without files: no limit)."""
+        fractions, labels = np.asarray(fractions, dtype=np.float64), np.asarray(labels)
+        limits = tuple(float(np.quantile(fractions[labels == c], quantile)) if np.any(labels == c) else 1.0
+                       for c in range(n_classes))
+        return cls(limits, quantile)
+
+    def is_outside(self, fractions: np.ndarray, predicted: np.ndarray) -> np.ndarray:
+        """Per file: its smooth fraction lies above the limit of its ``predicted`` class (index per row)."""
+        limits = np.asarray(self.class_max_fraction)[np.asarray(predicted, dtype=int)]
+        return np.asarray(fractions, dtype=np.float64) > limits
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "smooth_fraction", "quantile": self.quantile,
+                "class_max_fraction": list(self.class_max_fraction)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SmoothGate:
+        return cls(tuple(float(v) for v in data["class_max_fraction"]), float(data["quantile"]))
+
+
+@dataclass(frozen=True)
 class HduRef:
     """One image HDU of a FITS file (``--hdu all``: each CCD of a mosaic is classified on its own)."""
 
@@ -383,6 +419,7 @@ class ScoredFile:
     tiebreak: float | None = None  # the file's prediction-set tie-break (set_tiebreak of its features)
     features: np.ndarray | None = None  # (F,) the scaled hand-crafted features (the feature gate measures them)
     identity_embedding: np.ndarray | None = None  # (E,) the untransformed view's: what the gates see without TTA
+    smooth_fraction: float | None = None  # what the smooth-area gate measures (data_loader.smooth_fraction)
 
 
 @dataclass(frozen=True)
@@ -403,6 +440,7 @@ class OperatingPoint:
     member_gate: MemberGate | None = None  # ensembles only
     class_bias: tuple[float, ...] | None = None  # added to the logits / T before softmax (None: zeros)
     tta_views: int = FULL_TTA_VIEWS  # views per file with TTA the model was calibrated with (backends.tta_view_count)
+    smooth_gate: SmoothGate | None = None
 
     def probabilities(self, view_logits: np.ndarray, temperature: float | None = None) -> np.ndarray:
         """Calibrated class probabilities of (..., V, K) view logits: this point's class bias and ``temperature``
@@ -419,10 +457,10 @@ class OperatingPoint:
         return np.asarray(fitted["class_quantiles"]) if sets.get("class_conditional") else fitted["quantile"]
 
     def inside(self, embeddings: np.ndarray, features: np.ndarray | None,
-               predicted: np.ndarray | None = None) -> np.ndarray:
-        """Per file (rows of ``embeddings``, of the scaled ``features`` and of ``predicted``, the top class
-        index, which a feature gate with a radius per class needs): inside every out-of-distribution gate this
-        operating point has."""
+               predicted: np.ndarray | None = None, smooth_fractions: np.ndarray | None = None) -> np.ndarray:
+        """Per file (rows of ``embeddings``, of the scaled ``features``, of ``predicted``, the top class
+        index, which a feature gate with a radius per class and the smooth-area gate need, and of
+        ``smooth_fractions``): inside every out-of-distribution gate this operating point has."""
         inside = np.ones(len(embeddings), dtype=bool)
         for gate in (self.ood_gate, self.ood_classifier, self.member_gate):
             if gate is not None:
@@ -431,6 +469,11 @@ class OperatingPoint:
             if features is None:
                 raise ValueError("this operating point has a feature gate: pass the files' scaled features")
             inside &= ~self.feature_gate.is_outside(features, predicted)
+        if self.smooth_gate is not None:
+            if smooth_fractions is None or predicted is None:
+                raise ValueError("this operating point has a smooth-area gate: pass the files' smooth fractions "
+                                 "and predicted classes")
+            inside &= ~self.smooth_gate.is_outside(smooth_fractions, predicted)
         return inside
 
     @classmethod
@@ -457,6 +500,7 @@ class OperatingPoint:
             learned = OodClassifier.from_json(document["ood_classifier"]) if document.get("ood_classifier") else None
             features = FeatureGate.from_json(document["feature_gate"]) if document.get("feature_gate") else None
             members = MemberGate.from_json(document["member_gate"]) if document.get("member_gate") else None
+            smooth = SmoothGate.from_json(document["smooth_gate"]) if document.get("smooth_gate") else None
             sets = document.get("prediction_sets")
             if sets and sets.get("method") != SET_METHOD:
                 logger.warning("%s: prediction sets of method %r are not this version's %r: records get none "
@@ -468,7 +512,7 @@ class OperatingPoint:
                        document.get("scaler_sha256"), gate, str(path), document, learned,
                        document.get("litert_sha256"), features, members,
                        None if bias is None else tuple(float(b) for b in bias),
-                       int(document.get("tta_views", FULL_TTA_VIEWS)))
+                       int(document.get("tta_views", FULL_TTA_VIEWS)), smooth)
         except (KeyError, TypeError, ValueError) as exc:
             raise ArtifactError(f"{path}: thresholds file lacks {exc} (see README 'Operating point')") from exc
 
@@ -727,8 +771,9 @@ class ClassifierService:
             features = item.sample.features if item.sample is not None else None
             tiebreak = set_tiebreak(features) if features is not None else None
             mean, identity = (views_one.mean(axis=0), views_one[0]) if views_one is not None else (None, None)
+            smooth = item.sample.smooth_fraction if item.sample is not None else None
             yield ScoredFile(item.path, item.fingerprint, logits_one, mean, item.error, info,
-                             _hdu_of(item.hdu, info), tiebreak, features, identity)
+                             _hdu_of(item.hdu, info), tiebreak, features, identity, smooth)
 
     def _load_one(self, item: str | os.PathLike[str] | HduRef) -> _Loaded:
         ref = item if isinstance(item, HduRef) else None
@@ -759,8 +804,8 @@ class ClassifierService:
         score = float(probs[top])
         reason = None
         if abstain:
-            if not self.operating_point.inside(scored.embedding[None], scored.features[None],
-                                               np.array([top]))[0]:
+            if not self.operating_point.inside(scored.embedding[None], scored.features[None], np.array([top]),
+                                               np.array([scored.smooth_fraction]))[0]:
                 reason = "out_of_distribution"
             elif score < self.operating_point.thresholds[tta][top_class]:
                 reason = "low_score"

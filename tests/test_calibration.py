@@ -216,6 +216,49 @@ def test_operating_point_with_a_feature_gate_needs_features() -> None:
         point.inside(embeddings, None)
 
 
+def test_smooth_gate_limit_is_each_class_own_quantile() -> None:
+    rng = np.random.default_rng(9)
+    labels = np.repeat([0, 1], 400)
+    fractions = np.r_[rng.uniform(0.0, 0.1, 400), np.zeros(400)]  # class 1: no smooth area in any file
+    gate = ir.SmoothGate.fit(fractions, labels, 3, quantile=0.95)
+    assert gate.class_max_fraction[0] == pytest.approx(np.quantile(fractions[:400], 0.95))
+    assert gate.class_max_fraction[1] == 0.0 and gate.class_max_fraction[2] == 1.0  # class 2 had no files: no limit
+    assert gate.is_outside(fractions[:400], labels[:400]).mean() == pytest.approx(0.05, abs=0.005)
+    # the same share turned away or let in depending on the class the file is given
+    assert gate.is_outside(np.array([0.05, 0.05, 0.05]), np.array([0, 1, 2])).tolist() == [False, True, False]
+    restored = ir.SmoothGate.from_json(json.loads(json.dumps(gate.to_json())))
+    assert restored == gate
+    point = ir.OperatingPoint(("a", "b", "c"), 1.0, {True: dict.fromkeys("abc", 0.0), False: dict.fromkeys("abc", 0.0)},
+                              smooth_gate=gate)
+    embeddings = np.zeros((2, 3))
+    assert point.inside(embeddings, None, np.array([1, 1]), np.array([0.0, 0.01])).tolist() == [True, False]
+    with pytest.raises(ValueError, match="smooth-area gate"):
+        point.inside(embeddings, None, np.array([1, 1]))
+
+
+def test_smooth_gate_abstains_on_the_class_it_limits(tiny_artifacts: dict[str, Path], tmp_path: Path,
+                                                     mixed_dir: Path) -> None:
+    service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
+    plain = [r for r in service.predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
+    scored = [s for s in service.iter_scored(list(ir.scan_paths(mixed_dir)), 8) if s.features is not None]
+    assert all(s.smooth_fraction is not None and 0.0 <= s.smooth_fraction <= 1.0 for s in scored)
+    chosen = service.class_names.index(plain[0].top_class)
+    document = json.loads(tiny_artifacts["thresholds"].read_text())
+    gated = tmp_path / "smooth_gated.json"
+    # every other class may have any smooth share; the chosen class none above -1, so all of its files go
+    limits = tuple(-1.0 if c == chosen else 1.0 for c in range(len(service.class_names)))
+    document["smooth_gate"] = ir.SmoothGate(limits, 0.95).to_json()
+    gated.write_text(json.dumps(document))
+    records = [r for r in ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], gated)
+               .predict_paths(ir.scan_paths(mixed_dir)) if not r.error]
+    assert [r.top_class for r in records] == [r.top_class for r in plain]
+    for record, before in zip(records, plain):
+        if record.top_class == plain[0].top_class:
+            assert record.abstain_reason == "out_of_distribution" and record.label == "unknown", record.path
+        else:
+            assert record.abstain_reason == before.abstain_reason, record.path
+
+
 def test_feature_gate_abstains_on_files_far_from_calibration(tiny_artifacts: dict[str, Path], tmp_path: Path,
                                                              mixed_dir: Path) -> None:
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
@@ -317,7 +360,8 @@ def test_figures_without_tta_are_what_a_run_without_tta_gives(tiny_artifacts: di
     gated.write_text(json.dumps(document))
     evaluated = calibration.evaluate(_service(tiny_artifacts, gated), data, 0.7, data)
     calibrated = calibration.calibrate(service, data, 0.7, 0.0, precision_confidence=None)  # accept all
-    calibrated["feature_gate"] = None  # the validation figures of calibrate count the embedding gate only
+    # the validation figures of calibrate count the embedding gate only
+    calibrated["feature_gate"] = calibrated["smooth_gate"] = None
     recalibrated = tmp_path / "calibrated.json"
     recalibrated.write_text(json.dumps(calibrated))
     for key, tta in (("tta", True), ("no_tta", False)):
@@ -352,11 +396,20 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     feature_gate = document["feature_gate"]  # 20 files: k falls to 19, and its quantile is the gate's
     assert feature_gate["kind"] == "knn_features" and feature_gate["k"] == 19 and feature_gate["quantile"] == 0.95
     assert np.asarray(feature_gate["reference"]).shape == (20, ir.data_loader.N_FEATURES)
+    smooth_gate = document["smooth_gate"]  # each class's 0.95 quantile of its own files' smooth fractions
+    readable = [(path, label) for path, label in calibration.labelled_files(labelled, CLASS_NAMES)
+                if path.name != "broken.fits"]
+    fractions = np.array([ir.data_loader.load_sample(path).smooth_fraction for path, _ in readable])
+    labels = np.array([label for _, label in readable])
+    assert smooth_gate["kind"] == "smooth_fraction" and smooth_gate["quantile"] == 0.95
+    for index, limit in enumerate(smooth_gate["class_max_fraction"]):
+        assert limit == pytest.approx(np.quantile(fractions[labels == index], 0.95)), CLASS_NAMES[index]
     sets = document["prediction_sets"]
     assert sets["method"] == ir.SET_METHOD and sets["coverage"] == 0.95 and sets["n_calibration"] == 20
     assert len(sets["tta"]["scores"]) == len(sets["no_tta"]["scores"]) == 20
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], output)
     assert service.operating_point.ood_gate is not None and service.operating_point.feature_gate is not None
+    assert service.operating_point.smooth_gate is not None
     assert service.operating_point.class_bias == tuple(document["class_bias"])
     plain = tmp_path / "plain.json"
     assert cli.main(["calibrate", "--labelled_dir", str(labelled), "--class_names", ",".join(CLASS_NAMES),

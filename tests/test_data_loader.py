@@ -525,6 +525,41 @@ def test_features_are_invariant_to_flips() -> None:
         np.testing.assert_allclose(dl.extract_features(np.ascontiguousarray(view)), base, rtol=1e-3, atol=1e-3)
 
 
+def _photograph_like(size: int = 512) -> np.ndarray:
+    """An 8-bit grey 'photograph': a sharp textured disc (a flower) on a smooth, out-of-focus mid-grey ramp."""
+    y, x = np.mgrid[:size, :size].astype(np.float32) / size
+    background = 80.0 + 20.0 * x + 10.0 * np.sin(2.0 * y)  # smooth: no noise, as a blurred background is
+    disc = (x - 0.5) ** 2 + (y - 0.5) ** 2 < 0.08
+    texture = 200.0 + 40.0 * np.sin(90.0 * x) * np.sin(90.0 * y)
+    return np.round(np.where(disc, texture, background)).astype(np.float32)
+
+
+def _smooth_fraction(image: np.ndarray) -> float:
+    return dl.sample_from_array(image).smooth_fraction
+
+
+def test_smooth_fraction_sees_a_photograph_not_a_sky_image() -> None:
+    photograph = _photograph_like()
+    assert _smooth_fraction(photograph) > 0.05
+    for name in ("galaxy", "nebula", "star_cluster", "star_field"):
+        for seed in range(2):
+            assert _smooth_fraction(render_frame(name, seed, 512)) == 0.0, (name, seed)
+    # the same object on a flat black sky (a processed nebula photograph's clipped background): nothing smooth
+    # lies above the sky
+    assert _smooth_fraction(np.where(photograph > 150.0, photograph, 0.0)) == 0.0
+
+
+def test_smooth_fraction_leaves_out_saturated_plateaus_and_is_invariant_to_views() -> None:
+    sky = np.random.default_rng(8).normal(1000.0, 10.0, (512, 512)).astype(np.float32)
+    sky[100:220, 300:420] = 65535.0  # a saturated star's flat top: no smooth area of a photograph
+    assert _smooth_fraction(sky) == 0.0
+    photograph = _photograph_like()
+    base = _smooth_fraction(photograph)
+    for view in (photograph[::-1], photograph[:, ::-1], np.rot90(photograph), np.rot90(photograph, 2)):
+        assert _smooth_fraction(np.ascontiguousarray(view)) == base
+    assert _smooth_fraction(np.full((512, 512), 7.0, dtype=np.float32)) == 0.0  # constant: no range, no areas
+
+
 def test_scaler_feature_count_mismatch_is_clear(tmp_path: Path) -> None:
     import joblib
     from sklearn.preprocessing import StandardScaler

@@ -49,6 +49,9 @@ def test_model_card_operating_point_is_the_shipped_one() -> None:
     assert f"the temperature alone\nfits at {thresholds['fitted_temperature']['tta']:.3f}" in MODEL_CARD
     radii = " / ".join(f"{value:.2f}" for value in thresholds["feature_gate"]["class_max_distance"])
     assert f"artifact {radii};" in MODEL_CARD
+    limits = " / ".join("0" if value == 0 else f"{value:.4f}"
+                        for value in thresholds["smooth_gate"]["class_max_fraction"])
+    assert f"artifact {limits}:" in re.sub(r"\s+", " ", MODEL_CARD)
 
 
 def test_readme_headline_is_the_real_validation() -> None:

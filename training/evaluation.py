@@ -76,7 +76,8 @@ def add_ood_classifier(model_path: Path, scaler_path: Path, thresholds_path: Pat
 def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.LabelledLogits:
     return calibration.LabelledLogits([data.paths[i] for i in rows], data.view_logits[rows], data.embeddings[rows],
                                       data.labels[rows], [], data.tiebreaks[rows], data.features[rows],
-                                      data.identity_embeddings[rows], [data.input_styles[i] for i in rows])
+                                      data.identity_embeddings[rows], [data.input_styles[i] for i in rows],
+                                      data.smooth_fractions[rows])
 
 
 def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float,
@@ -84,7 +85,7 @@ def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temp
     """Operating-point figures (with TTA unless ``tta`` is False) and the ECE of a (sub)set."""
     op = service.operating_point
     probs = op.probabilities(data.for_tta(tta), temperature)
-    inside = op.inside(data.embeddings_for(tta), data.features, probs.argmax(axis=1))
+    inside = data.inside(op, probs, tta)
     metrics = calibration.operating_point_metrics(probs, data.labels, list(service.class_names), op.thresholds[tta],
                                                   inside)
     metrics["ece"] = calibration.expected_calibration_error(probs, data.labels)
@@ -103,9 +104,10 @@ def ood_by_kind(service: ir.ClassifierService, ood_dir: Path, temperature: float
     for kind, data in ood_embeddings(service, ood_dir).items():
         result[kind] = calibration.ood_abstention(op, names, data, temperature)
         for column, gates_left_out in (("mahalanobis_only", {"ood_classifier": None, "feature_gate": None,
-                                                              "member_gate": None}),
+                                                              "member_gate": None, "smooth_gate": None}),
                                        ("without_feature_gate", {"feature_gate": None}),
-                                       ("without_member_gate", {"member_gate": None})):
+                                       ("without_member_gate", {"member_gate": None}),
+                                       ("without_smooth_gate", {"smooth_gate": None})):
             result[kind][f"abstained_fraction_{column}"] = calibration.ood_abstention(
                 dataclasses.replace(op, **gates_left_out), names, data, temperature)["abstained_fraction"]
         result[kind]["held_out"] = op.ood_classifier is None or kind not in op.ood_classifier.kinds
