@@ -78,7 +78,8 @@ LUMINANCE_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
 SOURCE_SIGMA = 5.0  # detection threshold for "sources", in robust standard deviations
 # Smooth areas (smooth_fraction): blocks of SMOOTH_BLOCK^2 of the 224x224 block means whose standard deviation is
 # below SMOOTH_SPREAD of the image's range (0.5th to 99.9th percentile), at a level more than SMOOTH_LEVEL of that
-# range above its bottom (the dark sky is left out) and below its top (so are saturated stars).
+# range above its bottom (the dark sky is left out) and below its top (so are saturated stars); constant blocks
+# (filled or padded areas) do not count.
 SMOOTH_BLOCK, SMOOTH_SPREAD, SMOOTH_LEVEL = 8, 0.004, 0.15
 
 FEATURE_NAMES: tuple[str, ...] = (
@@ -1035,16 +1036,28 @@ def smooth_fraction(half: np.ndarray, q: dict[float, float]) -> float:
     give the same value. Not a model input: a gate (inference_runner.SmoothGate) reads it.
     """
     low, high = q[CLIP_LOW_PERCENTILE], q[99.9]
-    span = high - low
-    if not span > 0:
+    if not high - low > 0:
         return 0.0
     blocks = SMOOTH_BLOCK * (half.shape[0] // SMOOTH_BLOCK)
     tiles = half[:blocks, :blocks].reshape(blocks // SMOOTH_BLOCK, SMOOTH_BLOCK, blocks // SMOOTH_BLOCK,
                                            SMOOTH_BLOCK).swapaxes(1, 2)
     spread = tiles.std(axis=(2, 3))
-    level = tiles.mean(axis=(2, 3)) - np.float32(low)
+    mean = tiles.mean(axis=(2, 3))
+    # constant to float32 rounding: missing pixels filled with the median, or the padded border of a reprojected
+    # image; neither counts, and padding must not set the bottom of the range (a zero border would lift the sky)
+    constant = spread <= np.float32(1e-6) * (np.float32(high - low) + np.abs(mean))
+    if constant.all():
+        return 0.0
+    if constant.any():  # the range from the blocks clear of the constant ones and of their edges
+        clear = ~ndimage.binary_dilation(constant, structure=np.ones((3, 3), dtype=bool))
+        if not clear.any():
+            return 0.0
+        low = float(np.percentile(tiles[clear], CLIP_LOW_PERCENTILE))
+    span = high - low
+    level = mean - np.float32(low)
     # below the 99.9th percentile: a saturated star's flat top is not a photograph's smooth area
-    return float(np.mean((spread < SMOOTH_SPREAD * span) & (level > SMOOTH_LEVEL * span) & (level < span)))
+    smooth = (spread < SMOOTH_SPREAD * span) & (level > SMOOTH_LEVEL * span) & (level < span) & ~constant
+    return float(np.mean(smooth))
 
 
 def extract_features(small: np.ndarray, percentiles: dict[float, float] | None = None) -> np.ndarray:

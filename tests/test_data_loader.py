@@ -560,6 +560,21 @@ def test_smooth_fraction_leaves_out_saturated_plateaus_and_is_invariant_to_views
     assert _smooth_fraction(np.full((512, 512), 7.0, dtype=np.float32)) == 0.0  # constant: no range, no areas
 
 
+@pytest.mark.parametrize("name", ["nebula", "star_field"])
+def test_smooth_fraction_ignores_filled_and_padded_areas(name: str) -> None:
+    """A reprojected frame's empty border, as NaN (filled with the median) or as zeros below a sky at 12,000, is
+    constant: not a smooth area, and a zero border must not become the dark end the sky is measured from."""
+    frame = render_frame(name, 3, 1024).astype(np.float32) + np.float32(12000.0)
+    assert _smooth_fraction(frame) == 0.0
+    for fill in (np.nan, 0.0):
+        padded = frame.copy()
+        padded[:, :300] = fill
+        assert _smooth_fraction(padded) == 0.0, fill
+    letterboxed = _photograph_like(512)  # a photograph keeps its smooth areas inside a black border
+    letterboxed[:64] = 0.0
+    assert _smooth_fraction(letterboxed) > 0.05
+
+
 def test_scaler_feature_count_mismatch_is_clear(tmp_path: Path) -> None:
     import joblib
     from sklearn.preprocessing import StandardScaler
