@@ -1028,12 +1028,15 @@ def _features(half: np.ndarray, q: dict[float, float]) -> np.ndarray:
     return np.nan_to_num(features, nan=0.0, posinf=0.0, neginf=0.0)
 
 
-def smooth_fraction(half: np.ndarray, q: dict[float, float]) -> float:
+def smooth_fraction(half: np.ndarray, q: dict[float, float], zoom: float = 1.0) -> float:
     """Share of the image in smooth areas above the dark sky, from the 224x224 block means and their percentiles.
 
     Photographs have them (an out-of-focus background, a petal, a wall); a sky image's areas above its
-    background carry noise or grain. Blocks tile the 224x224 view exactly, so flips and 90-degree rotations
-    give the same value. Not a model input: a gate (inference_runner.SmoothGate) reads it.
+    background carry noise or grain. ``zoom`` is how many stored pixels each small-image pixel averages
+    along a side (>= 1): averaging lowers a sky's noise that much, so a block must be that much smoother to
+    count (a 4096^2 frame's sky, averaged 9x9, would otherwise look smooth). Blocks tile the 224x224 view
+    exactly, so flips and 90-degree rotations give the same value. Not a model input: a gate
+    (inference_runner.SmoothGate) reads it.
     """
     low, high = q[CLIP_LOW_PERCENTILE], q[99.9]
     if not high - low > 0:
@@ -1056,7 +1059,8 @@ def smooth_fraction(half: np.ndarray, q: dict[float, float]) -> float:
     span = high - low
     level = mean - np.float32(low)
     # below the 99.9th percentile: a saturated star's flat top is not a photograph's smooth area
-    smooth = (spread < SMOOTH_SPREAD * span) & (level > SMOOTH_LEVEL * span) & (level < span) & ~constant
+    smooth = (spread < SMOOTH_SPREAD * span / max(zoom, 1.0)) & (level > SMOOTH_LEVEL * span) & (level < span)
+    smooth &= ~constant
     return float(np.mean(smooth))
 
 
@@ -1124,7 +1128,18 @@ def sample_from_small(small: np.ndarray, missing_fraction: float = 0.0, scaler: 
     facts = dict(info or {})
     facts["missing_fraction"] = missing_fraction
     return Sample(image=stretch(small, percentiles), features=features, info=facts,
-                  smooth_fraction=smooth_fraction(half, percentiles))
+                  smooth_fraction=smooth_fraction(half, percentiles, _zoom(facts.get("original_shape"), small.shape)))
+
+
+def _zoom(original_shape: Sequence[int] | None, small_shape: tuple[int, ...]) -> float:
+    """Stored pixels per small-image pixel along a side (the geometric mean of the two; 1 when not known).
+
+    The plane's sides are the two largest of ``original_shape`` (a colour TIFF's or a FITS cube's third axis is
+    the shorter one)."""
+    if not original_shape or len(original_shape) < 2:
+        return 1.0
+    rows, cols = sorted(original_shape)[-2:]
+    return max(1.0, float(np.sqrt(rows * cols / (small_shape[0] * small_shape[1]))))
 
 
 def sample_from_array(image: np.ndarray, scaler: Any | None = None, info: dict[str, Any] | None = None) -> Sample:
@@ -1138,7 +1153,7 @@ def sample_from_array(image: np.ndarray, scaler: Any | None = None, info: dict[s
     small, missing_fraction = _resize_stored(_StoredPlane(image))
     if missing_fraction >= 1.0:
         raise ValueError(NO_VALID_PIXELS)
-    return sample_from_small(small, missing_fraction, scaler, info)
+    return sample_from_small(small, missing_fraction, scaler, {"original_shape": list(image.shape), **(info or {})})
 
 
 def load_small(

@@ -560,6 +560,19 @@ def test_smooth_fraction_leaves_out_saturated_plateaus_and_is_invariant_to_views
     assert _smooth_fraction(np.full((512, 512), 7.0, dtype=np.float32)) == 0.0  # constant: no range, no areas
 
 
+@pytest.mark.parametrize(("name", "seed"), [("star_field", 1), ("star_field", 3), ("star_cluster", 0)])
+def test_smooth_fraction_of_a_large_frame_is_measured_at_its_own_pixel_scale(name: str, seed: int) -> None:
+    """A 2048^2 frame averaged down to 448 has a quarter of its sky noise: its sky (here with a gradient) would pass
+    for smooth at the small image's scale; at the stored pixels' scale it is not."""
+    frame = render_frame(name, seed, 2048)
+    sample = dl.sample_from_array(frame)
+    assert sample.info["original_shape"] == [2048, 2048]
+    assert sample.smooth_fraction == 0.0
+    small = dl.resize_area(frame)
+    half = dl._half(small)
+    assert dl.smooth_fraction(half, dl._percentiles(half), zoom=1.0) > 0.0  # what the small image alone shows
+
+
 @pytest.mark.parametrize("name", ["nebula", "star_field"])
 def test_smooth_fraction_ignores_filled_and_padded_areas(name: str) -> None:
     """A reprojected frame's empty border, as NaN (filled with the median) or as zeros below a sky at 12,000, is
