@@ -77,7 +77,8 @@ ASINH_SOFTENING = 10.0
 LUMINANCE_WEIGHTS = np.array([0.2126, 0.7152, 0.0722], dtype=np.float32)
 SOURCE_SIGMA = 5.0  # detection threshold for "sources", in robust standard deviations
 # Smooth areas (smooth_fraction): blocks of SMOOTH_BLOCK^2 of the 224x224 block means whose standard deviation is
-# below SMOOTH_SPREAD of the image's range (0.5th to 99.9th percentile), at a level more than SMOOTH_LEVEL of that
+# below SMOOTH_SPREAD of the image's range (0.5th to 99.9th percentile; divided by the zoom of a frame larger than
+# 448, whose averaged-down sky is smoother than its stored pixels), at a level more than SMOOTH_LEVEL of that
 # range above its bottom (the dark sky is left out) and below its top (so are saturated stars); constant blocks
 # (filled or padded areas) do not count.
 SMOOTH_BLOCK, SMOOTH_SPREAD, SMOOTH_LEVEL = 8, 0.004, 0.15
