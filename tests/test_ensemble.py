@@ -234,3 +234,20 @@ def test_freeze_stems_keeps_each_members_stem_and_trains_the_rest() -> None:
         assert not any(moved(layer) for layer in stem_and_norm)  # kernel and batch-norm statistics alike
         assert moved(sepconvs[0]) and moved(sepconvs[-1])
     assert moved(final_layer(merged))
+
+
+def test_freeze_stems_with_a_block_keeps_the_first_separable_block_too() -> None:
+    import keras
+
+    merged = merge([_member(0), _member(1)])
+    assert freeze_stems(merged, blocks=1) == 8  # per member: stem, batch norm, first separable convolution, batch norm
+    before = {id(w): w.numpy() for w in merged.weights}
+    merged.compile(optimizer=keras.optimizers.SGD(0.5), loss=keras.losses.CategoricalCrossentropy(from_logits=True))
+    merged.train_on_batch(_inputs(2), np.eye(5)[[0, 3]])
+    for index in (0, 1):
+        member = merged.get_layer(f"{MEMBER_PREFIX}{index}")
+        sepconvs = [layer for layer in member.layers if isinstance(layer, keras.layers.SeparableConv2D)]
+        kept = member.layers[: member.layers.index(sepconvs[1])]
+        assert not any(layer.trainable for layer in kept if layer.weights)
+        assert all(np.array_equal(before[id(w)], w.numpy()) for layer in kept for w in layer.weights)
+        assert any(not np.array_equal(before[id(w)], w.numpy()) for w in sepconvs[1].weights)

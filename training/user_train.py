@@ -35,6 +35,9 @@ logger = logging.getLogger(__name__)
 MIN_FILES_PER_CLASS = 10
 MODEL_FILE, SCALER_FILE, THRESHOLDS_FILE = "model.keras", "scaler.joblib", "thresholds.json"
 TRAINING_BASE_BYTES = 2_500_000_000  # measured: TensorFlow, the model and its training steps (2.77 GB peak, 195 files)
+# --from default keeps each member's stem and first separable block as shipped: on 1,000 real files, 2 cores, the whole
+# command 396 -> 344 s against the stems alone, test top-1 0.889 either way
+FROZEN_BLOCKS = 1
 
 
 class TrainingInputError(ValueError):
@@ -93,7 +96,7 @@ def _recipe(start: str, epochs: int | None, train_counts: list[int], seed: int) 
     per_class = int(np.clip(np.median(train_counts), 64, 300))
     if start == "default":
         return train.Recipe(epochs=epochs or 16, per_class=per_class, peak_lr=5e-4, seed=seed, real_share=1.0,
-                            frozen_stems=True)
+                            frozen_blocks=FROZEN_BLOCKS)
     return train.Recipe(epochs=epochs or train.Recipe.epochs, per_class=per_class, seed=seed, real_share=1.0)
 
 
