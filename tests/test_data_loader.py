@@ -560,6 +560,15 @@ def test_smooth_fraction_leaves_out_saturated_plateaus_and_is_invariant_to_views
     assert _smooth_fraction(np.full((512, 512), 7.0, dtype=np.float32)) == 0.0  # constant: no range, no areas
 
 
+def test_zoom_is_stored_pixels_per_small_pixel_along_a_side() -> None:
+    assert dl._zoom([2048, 2048], (448, 448)) == pytest.approx(2048 / 448)
+    assert dl._zoom([1792, 448], (448, 448)) == pytest.approx(2.0)  # geometric mean of 4 and 1
+    for colour_or_cube in ([896, 896, 3], [3, 896, 896]):  # the plane's sides are the two largest axes
+        assert dl._zoom(colour_or_cube, (448, 448)) == pytest.approx(2.0)
+    assert dl._zoom([128, 128], (448, 448)) == 1.0  # upsampled: no averaging
+    assert dl._zoom(None, (448, 448)) == 1.0
+
+
 @pytest.mark.parametrize(("name", "seed"), [("star_field", 1), ("star_field", 3), ("star_cluster", 0)])
 def test_smooth_fraction_of_a_large_frame_is_measured_at_its_own_pixel_scale(name: str, seed: int) -> None:
     """A 2048^2 frame averaged down to 448 has a quarter of its sky noise: its sky (here with a gradient) would pass
