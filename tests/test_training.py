@@ -87,6 +87,22 @@ def test_epochs_balance_sources_within_a_class_and_mix_real_with_simulated() -> 
     assert ((picked == "sim") & (labels[order] == 0)).sum() == 400
 
 
+def test_a_source_of_a_few_real_files_is_not_drawn_over_and_over() -> None:
+    labels = np.array([0] * 600 + [0] * 3 + [0] * 400 + [1] * 5 + [1] * 50)
+    groups = np.array(["survey"] * 600 + ["frames"] * 3 + ["sim"] * 400 + ["photos"] * 5 + ["other"] * 50)
+    data = Dataset(np.zeros((len(labels), 1, 1), np.float32), labels, groups)
+    rng = np.random.default_rng(0)
+    epochs = [groups[epoch_indices(data, 2, per_class=500, real_share=0.6, rng=rng, draws_per_real_file=4)]
+              for _ in range(20)]
+    assert all(len(picked) == 1000 for picked in epochs)
+    mean = {group: np.mean([(picked == group).sum() for picked in epochs]) for group in set(groups)}
+    assert abs(mean["frames"] - 12) < 2, "three files, at most four draws each"
+    assert abs(mean["survey"] - 150) < 10, "the large source keeps its even share of the real draws"
+    assert mean["sim"] == 500 - 162, "the rest of the class goes to the simulations"
+    # a class without simulations keeps every draw real: nothing else could take the rest
+    assert mean["photos"] + mean["other"] == 500 and abs(mean["photos"] - 250) < 25
+
+
 def test_new_head_keeps_what_the_model_knew_of_classes_it_already_has() -> None:
     model = build_model(3, data_loader.N_FEATURES, image_size=32)
     rng = np.random.default_rng(0)

@@ -306,13 +306,15 @@ _AUGMENT_OPS = (_brightness, _contrast, _gamma, _noise, _blur, _shift)
 
 
 def epoch_indices(data: Dataset, n_classes: int, per_class: int, real_share: float, rng: np.random.Generator,
-                  outlier_share: float = 0.0) -> np.ndarray:
+                  outlier_share: float = 0.0, draws_per_real_file: float | None = None) -> np.ndarray:
     """One epoch's sample indices: ``per_class`` draws per class, ``real_share`` of them real where a class has
     real files, and the real draws spread evenly over the sources of that class (then over its files).
 
     Balancing sources within a class is what keeps a few hundred processed photographs from being drowned by
-    thousands of survey cutouts, and keeps style from standing in for class. Outliers (label ``OUTLIER``)
-    add ``outlier_share * per_class`` draws, their kinds balanced.
+    thousands of survey cutouts, and keeps style from standing in for class. With ``draws_per_real_file``, a
+    source of a class that also has simulated files gets at most that many draws per file (the rest go to the
+    simulations): an even share of 300 draws for a source of two images would show each 75 times an epoch.
+    Outliers (label ``OUTLIER``) add ``outlier_share * per_class`` draws, their kinds balanced.
     """
     picks = []
     outliers = np.nonzero(data.labels == OUTLIER)[0]
@@ -327,7 +329,11 @@ def epoch_indices(data: Dataset, n_classes: int, per_class: int, real_share: flo
         n_real = per_class if not len(sim) else round(per_class * real_share) if len(real) else 0
         if n_real and len(real):
             sources, inverse, counts = np.unique(data.groups[real], return_inverse=True, return_counts=True)
-            weights = 1.0 / (counts[inverse] * len(sources))
+            quota = np.full(len(sources), n_real / len(sources))
+            if len(sim) and draws_per_real_file is not None:
+                quota = np.minimum(quota, draws_per_real_file * counts)
+                n_real = round(quota.sum())
+            weights = quota[inverse] / counts[inverse]
             picks.append(rng.choice(real, n_real, p=weights / weights.sum()))
         if len(sim) and per_class > n_real:
             picks.append(rng.choice(sim, per_class - n_real, replace=len(sim) < per_class - n_real))
@@ -409,6 +415,7 @@ class Recipe:
     epochs: int = 40
     per_class: int = 500  # draws per class per epoch
     real_share: float = 0.6  # of a class's draws, when it has both real and simulated files
+    draws_per_real_file: float | None = None  # per epoch, for a class with simulated files too (epoch_indices)
     outlier_share: float = 0.5  # outlier-exposure draws per epoch, as a share of per_class (when there are any)
     batch_size: int = 32
     peak_lr: float = 2e-3
@@ -441,7 +448,8 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
     bar = _progress(progress, recipe.epochs * steps_per_epoch)
     for epoch in range(recipe.epochs):
         started = time.perf_counter()
-        order = epoch_indices(data, n_classes, recipe.per_class, recipe.real_share, rng, recipe.outlier_share)
+        order = epoch_indices(data, n_classes, recipe.per_class, recipe.real_share, rng, recipe.outlier_share,
+                              recipe.draws_per_real_file)
         if bar is not None and epoch == 0:  # outlier draws add batches to the schedule's steps
             bar.total = recipe.epochs * (len(order) // recipe.batch_size)
             bar.refresh()
@@ -508,6 +516,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=Recipe.epochs)
     parser.add_argument("--epoch-per-class", type=int, default=Recipe.per_class, help="draws per class per epoch")
     parser.add_argument("--real-share", type=float, default=Recipe.real_share)
+    parser.add_argument("--draws-per-real-file", type=float, default=Recipe.draws_per_real_file,
+                        help="most draws per epoch of each real file of a source, in a class with simulated files")
     parser.add_argument("--width", type=int, default=Recipe.width, help="channel multiplier of the CNN")
     parser.add_argument("--temperature", type=float, default=None,
                         help="operating temperature to calibrate at (default: the fitted one)")
@@ -564,6 +574,7 @@ def main(argv: list[str] | None = None) -> int:
         logger.info("%d training planes (%d real, %d outliers) ready after %.0f s", len(data), len(real_train),
                     int((data.labels == OUTLIER).sum()), time.perf_counter() - started)
         recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
+                        draws_per_real_file=args.draws_per_real_file,
                         width=args.width,
                         seed=args.seed if args.model_seed is None else args.model_seed)
         model = train_model(data, scaler, names, recipe)
