@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import joblib
 import numpy as np
 import pytest
 from PIL import Image
@@ -13,6 +14,7 @@ from PIL import Image
 import cli
 import data_loader
 import inference_runner as ir
+from backends import final_layer, load_keras_model
 from report import load_schema
 from training import real_data, train, user_train
 from training.augment import style_augment
@@ -308,6 +310,12 @@ def test_train_refuses_what_cannot_fit_in_memory_before_decoding(custom_tree: Pa
     assert not decoded and not out.exists()
 
 
+def _trained_body(model) -> list[np.ndarray]:
+    """The trainable weights but the final layer's (whose simulation-only rows every run refits)."""
+    head = {id(weight) for weight in final_layer(model).weights}
+    return [np.asarray(weight) for weight in model.trainable_weights if id(weight) not in head]
+
+
 def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None:
     """``python -m training.train --real_dir ... --real_val_dir ...`` at toy sizes: every stage runs and the
     validation-only source is evaluated, never trained or calibrated on."""
@@ -337,3 +345,17 @@ def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None
     thresholds = json.loads((out / train.THRESHOLDS_NAME).read_text())
     assert thresholds["calibration_data"]["simulated_per_class"] == 2
     assert "photos" not in thresholds["calibration_data"]["real"], "validation-only data never calibrates"
+
+    # fine-tuning that model: it starts from its weights, keeps its scaler and is calibrated and evaluated anew
+    tuned = tmp_path / "tuned"
+    assert train.main(["--out", str(tuned), "--work-dir", str(tmp_path / "work"), "--per-class", "3",
+                       "--calibration-per-class", "2", "--test-per-class", "2", "--epochs", "1",
+                       "--epoch-per-class", "8", "--real_dir", str(survey), "--real_val_dir", str(photos),
+                       "--init-model", str(out / train.MODEL_NAME), "--peak-lr", "1e-4", "--model-seed", "5"]) == 0
+    scalers = [joblib.load(d / train.SCALER_NAME) for d in (out, tuned)]
+    np.testing.assert_array_equal(scalers[0].mean_, scalers[1].mean_)
+    np.testing.assert_array_equal(scalers[0].scale_, scalers[1].scale_)
+    before, after = (_trained_body(load_keras_model(d / train.MODEL_NAME)) for d in (out, tuned))
+    moved = max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True))
+    assert 0 < moved < 0.01, "a small step from the given weights, not a fresh model of another seed"
+    assert (tuned / "evaluation" / "evaluation.json").is_file()

@@ -34,7 +34,7 @@ import numpy as np
 
 import calibration
 import data_loader
-from backends import ArtifactError, embedding_tensor, final_layer, import_keras, require_full_install
+from backends import ArtifactError, embedding_tensor, final_layer, import_keras, load_keras_model, require_full_install
 from training import head_refit, real_data
 from training.augment import single_band, style_augment
 from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
@@ -519,6 +519,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--draws-per-real-file", type=float, default=Recipe.draws_per_real_file,
                         help="most draws per epoch of each real file of a source, in a class with simulated files")
     parser.add_argument("--width", type=int, default=Recipe.width, help="channel multiplier of the CNN")
+    parser.add_argument("--init-model", type=Path, default=None,
+                        help=f"fine-tune this model (a merged ensemble too), with the {SCALER_NAME} beside it, instead "
+                             "of training one from scratch")
+    parser.add_argument("--peak-lr", type=float, default=Recipe.peak_lr, help="learning rate after warmup")
     parser.add_argument("--temperature", type=float, default=None,
                         help="operating temperature to calibrate at (default: the fitted one)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps the labelled directories (default: temp)")
@@ -569,15 +573,17 @@ def main(argv: list[str] | None = None) -> int:
         for path, cause in unreadable:
             logger.warning("%s: unreadable, left out: %s", path, cause)
         data = Dataset.concat([simulated_dataset(args.per_class, TRAIN_SEED), real_train])
-        scaler = fit_scaler(raw_features(data))
+        # a model fine-tuned keeps the scaler it was trained with
+        scaler = (joblib.load(args.init_model.parent / SCALER_NAME) if args.init_model
+                  else fit_scaler(raw_features(data)))
         data = Dataset.concat([data, outlier_dataset(ood_fit_dir, outlier_kinds)])
         logger.info("%d training planes (%d real, %d outliers) ready after %.0f s", len(data), len(real_train),
                     int((data.labels == OUTLIER).sum()), time.perf_counter() - started)
         recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
-                        draws_per_real_file=args.draws_per_real_file,
-                        width=args.width,
+                        draws_per_real_file=args.draws_per_real_file, peak_lr=args.peak_lr, width=args.width,
                         seed=args.seed if args.model_seed is None else args.model_seed)
-        model = train_model(data, scaler, names, recipe)
+        model = train_model(data, scaler, names, recipe,
+                            initial_model=load_keras_model(args.init_model) if args.init_model else None)
         del data
         model.save(model_path)
         joblib.dump(scaler, scaler_path)
