@@ -574,7 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             logger.warning("%s: unreadable, left out: %s", path, cause)
         data = Dataset.concat([simulated_dataset(args.per_class, TRAIN_SEED), real_train])
         # a model fine-tuned keeps the scaler it was trained with
-        scaler = (joblib.load(args.init_model.parent / SCALER_NAME) if args.init_model
+        scaler = (data_loader.load_scaler(args.init_model.parent / SCALER_NAME) if args.init_model
                   else fit_scaler(raw_features(data)))
         data = Dataset.concat([data, outlier_dataset(ood_fit_dir, outlier_kinds)])
         logger.info("%d training planes (%d real, %d outliers) ready after %.0f s", len(data), len(real_train),
