@@ -43,6 +43,7 @@ from backends import (
     import_keras,
     load_keras_model,
 )
+from data_loader import load_scaler
 
 logger = logging.getLogger(__name__)
 
@@ -106,9 +107,7 @@ def same_scaler(scalers: Sequence) -> bool:
 def merge_directories(member_dirs: Sequence[Path], out: Path, model_name: str, scaler_name: str) -> Path:
     """Merge the models in ``member_dirs`` into ``out/model_name`` and copy their common scaler; returns the
     model path."""
-    import joblib
-
-    scalers = [joblib.load(directory / scaler_name) for directory in member_dirs]
+    scalers = [load_scaler(directory / scaler_name) for directory in member_dirs]
     if not same_scaler(scalers):
         raise ArtifactError(f"{', '.join(str(d / scaler_name) for d in member_dirs)}: the members' scalers differ; "
                             "members must be trained on the same data (vary --model-seed only)")

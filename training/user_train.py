@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import backends
+import data_loader
 import inference_runner as ir
 from training import real_data, train
 from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
@@ -218,7 +219,7 @@ def _fit_and_save(args: argparse.Namespace, data: train.Dataset, names: list[str
     import joblib
 
     if args.start == "default":
-        scaler = joblib.load(ir.DEFAULT_SCALER_PATH)
+        scaler = data_loader.load_scaler(ir.DEFAULT_SCALER_PATH)
         model = backends.load_keras_model(ir.DEFAULT_MODEL_PATH)
         initial = model if names == shipped else train.with_head(model, names, shipped)
     else:  # the scaler is fitted on the labelled files, not on the outlier images
