@@ -10,7 +10,7 @@ import pytest
 from sklearn.preprocessing import StandardScaler
 
 import data_loader
-from backends import ArtifactError, load_keras_model
+from backends import load_keras_model
 from training.average import average_models, check_mixing_weights, main
 from training.train import MODEL_NAME, SCALER_NAME, build_model
 
