@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shutil
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -29,7 +27,7 @@ import numpy as np
 
 from backends import ArtifactError, load_keras_model
 from data_loader import load_scaler
-from training.ensemble import same_scaler
+from training.ensemble import copy_scaler, run_command, same_scaler
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +76,7 @@ def average_directories(model_dirs: Sequence[Path], weights: Sequence[float] | N
     out.mkdir(parents=True, exist_ok=True)
     model_path = out / model_name
     averaged.save(model_path)  # every model was loaded first, so OUT may be one of the inputs
-    if (out / scaler_name).resolve() != (model_dirs[0] / scaler_name).resolve():
-        shutil.copyfile(model_dirs[0] / scaler_name, out / scaler_name)
+    copy_scaler(model_dirs[0] / scaler_name, out / scaler_name)
     logger.info("averaged %d models (weights %s) into %s", len(model_dirs), [round(w, 4) for w in mixing],
                 model_path)
     return model_path
@@ -102,14 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="one weight per --model, in order, separated by commas (default: equal)")
     parser.add_argument("--out", type=Path, required=True, help="where the averaged model and the scaler go")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        path = average_directories(args.model, args.weights, args.out, MODEL_NAME, SCALER_NAME)
-    except (ArtifactError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    return run_command(lambda: average_directories(args.model, args.weights, args.out, MODEL_NAME, SCALER_NAME))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import argparse
 import logging
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -113,9 +113,26 @@ def merge_directories(member_dirs: Sequence[Path], out: Path, model_name: str, s
                             "members must be trained on the same data (vary --model-seed only)")
     members = [load_keras_model(directory / model_name) for directory in member_dirs]
     model_path = save_merged(merge(members), out / model_name)
-    if (out / scaler_name).resolve() != (member_dirs[0] / scaler_name).resolve():
-        shutil.copyfile(member_dirs[0] / scaler_name, out / scaler_name)
+    copy_scaler(member_dirs[0] / scaler_name, out / scaler_name)
     return model_path
+
+
+def copy_scaler(source: Path, target: Path) -> None:
+    """Copy the models' common scaler next to the new model (nothing to do when OUT is the source's folder)."""
+    if target.resolve() != source.resolve():
+        shutil.copyfile(source, target)
+
+
+def run_command(write_model: Callable[[], Path]) -> int:
+    """A command's exit code: 0 and the model's path printed, or 2 and the cause on stderr."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    try:
+        path = write_model()
+    except (ArtifactError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(path)
+    return 0
 
 
 def save_merged(merged, model_path: Path) -> Path:
@@ -137,17 +154,9 @@ def main(argv: list[str] | None = None) -> int:
                               f"(the scaler next to it stays as it is); OUT gets {MODEL_NAME}")
     parser.add_argument("--out", type=Path, required=True, help="where the merged model and the scaler go")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    try:
-        if args.remerge:
-            path = save_merged(remerge(load_keras_model(args.remerge)), args.out / MODEL_NAME)
-        else:
-            path = merge_directories(args.member, args.out, MODEL_NAME, SCALER_NAME)
-    except (ArtifactError, ValueError, OSError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
-    return 0
+    if args.remerge:
+        return run_command(lambda: save_merged(remerge(load_keras_model(args.remerge)), args.out / MODEL_NAME))
+    return run_command(lambda: merge_directories(args.member, args.out, MODEL_NAME, SCALER_NAME))
 
 
 if __name__ == "__main__":
