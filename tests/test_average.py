@@ -72,3 +72,14 @@ def test_command_refuses_other_architectures_and_scalers(tmp_path: Path, capsys:
     assert main(["--model", str(a), "--model", str(a), "--weights", "0.5", "--out", str(tmp_path / "out")]) == 2
     assert "1 weights for 2 models" in capsys.readouterr().err
     assert not (tmp_path / "out" / MODEL_NAME).exists()
+
+
+def test_command_writes_over_the_first_model_as_the_model_card_does(tmp_path: Path) -> None:
+    """``--model . ... --out .``: every model is read before the average replaces the first one."""
+    a, b = _model_dir(tmp_path / "a", 0), _model_dir(tmp_path / "b", 1)
+    before = [_float_weights(load_keras_model(d / MODEL_NAME)) for d in (a, b)]
+    scaler = (a / SCALER_NAME).read_bytes()
+    assert main(["--model", str(a), "--model", str(b), "--weights", "0.5,0.5", "--out", str(a)]) == 0
+    assert (a / SCALER_NAME).read_bytes() == scaler
+    for got, x, y in zip(_float_weights(load_keras_model(a / MODEL_NAME)), *before, strict=True):
+        np.testing.assert_allclose(got, (x + y) / 2, rtol=1e-6, atol=1e-7)
