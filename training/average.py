@@ -26,8 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from backends import ArtifactError, load_keras_model
-from data_loader import load_scaler
-from training.ensemble import copy_scaler, run_command, same_scaler
+from training.ensemble import check_common_scaler, copy_scaler, run_command
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +66,8 @@ def average_directories(model_dirs: Sequence[Path], weights: Sequence[float] | N
     common scaler; returns the model path."""
     if len(model_dirs) < 2:
         raise ValueError("averaging needs at least two models")
-    if not same_scaler([load_scaler(directory / scaler_name) for directory in model_dirs]):
-        raise ArtifactError(f"{', '.join(str(d / scaler_name) for d in model_dirs)}: the scalers differ; the "
-                            "models must be fine-tunings of one model (training.train --init-model keeps its scaler)")
+    check_common_scaler(model_dirs, scaler_name,
+                        "the models must be fine-tunings of one model (training.train --init-model keeps its scaler)")
     mixing = [1.0 / len(model_dirs)] * len(model_dirs) if weights is None else weights
     averaged = average_models([load_keras_model(directory / model_name) for directory in model_dirs], mixing,
                               [str(directory / model_name) for directory in model_dirs])

@@ -104,13 +104,16 @@ def same_scaler(scalers: Sequence) -> bool:
     return all(np.allclose(s.mean_, first.mean_) and np.allclose(s.scale_, first.scale_) for s in scalers[1:])
 
 
+def check_common_scaler(model_dirs: Sequence[Path], scaler_name: str, advice: str) -> None:
+    """Refuse models whose scalers (``scaler_name`` in each of ``model_dirs``) standardise differently."""
+    if not same_scaler([load_scaler(directory / scaler_name) for directory in model_dirs]):
+        raise ArtifactError(f"{', '.join(str(d / scaler_name) for d in model_dirs)}: the scalers differ; {advice}")
+
+
 def merge_directories(member_dirs: Sequence[Path], out: Path, model_name: str, scaler_name: str) -> Path:
     """Merge the models in ``member_dirs`` into ``out/model_name`` and copy their common scaler; returns the
     model path."""
-    scalers = [load_scaler(directory / scaler_name) for directory in member_dirs]
-    if not same_scaler(scalers):
-        raise ArtifactError(f"{', '.join(str(d / scaler_name) for d in member_dirs)}: the members' scalers differ; "
-                            "members must be trained on the same data (vary --model-seed only)")
+    check_common_scaler(member_dirs, scaler_name, "members must be trained on the same data (vary --model-seed only)")
     members = [load_keras_model(directory / model_name) for directory in member_dirs]
     model_path = save_merged(merge(members), out / model_name)
     copy_scaler(member_dirs[0] / scaler_name, out / scaler_name)
