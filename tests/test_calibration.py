@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -144,6 +145,36 @@ def test_ood_gate_radius_holds_for_new_files_where_the_embedding_is_wide() -> No
     assert single.max_distance == ir.OodGate.fit(embeddings[:401], labels[:401], quantile=0.95, folds=1).max_distance
 
 
+def test_ood_gate_widens_the_radius_for_a_class_that_spreads_wide_and_never_narrows_it() -> None:
+    # class 0 packs closely and has most files (survey cutouts), class 1 spreads three times wider (simulated
+    # artifacts): the pooled quantile is set by class 0 and would turn away far more than 5% of class 1's new files
+    rng = np.random.default_rng(3)
+    centres = np.array([np.zeros(6), np.full(6, 40.0), np.full(6, -40.0)])
+    spread = np.array([1.0, 3.0, 1.0])
+    labels = np.repeat(np.arange(3), [1200, 400, ir.GATE_MIN_CLASS_FILES - 1])  # class 2: too few for its own radius
+    embeddings = centres[labels] + rng.normal(0, 1, (len(labels), 6)) * spread[labels][:, None]
+    gate = ir.OodGate.fit(embeddings, labels, quantile=0.95)
+    radius = gate.class_max_distance
+    assert radius is not None and len(radius) == 3
+    assert radius[0] == radius[2] == gate.max_distance, "a compact class, and one with too few files: pooled"
+    assert radius[1] > gate.max_distance
+    pooled = dataclasses.replace(gate, class_max_distance=None)
+    fresh = centres[1] + rng.normal(0, 3.0, (2000, 6))
+    assert pooled.is_outside(fresh).mean() > 0.15
+    assert gate.is_outside(fresh).mean() == pytest.approx(0.05, abs=0.02)
+    # a file nearest the compact class is held to the pooled radius, however wide class 1 is
+    compact_outlier = centres[0][None, :] + 4.0
+    assert gate.max_distance < gate.distance(compact_outlier)[0] < radius[1]
+    assert gate.is_outside(compact_outlier).all() and (gate.radius(compact_outlier) == gate.max_distance).all()
+    restored = ir.OodGate.from_json(json.loads(json.dumps(gate.to_json())))
+    assert restored.class_max_distance == radius
+    np.testing.assert_array_equal(restored.is_outside(fresh), gate.is_outside(fresh))
+    # a thresholds file written before the gate had radii per class: one radius for all
+    old = gate.to_json()
+    del old["class_max_distance"]
+    np.testing.assert_array_equal(ir.OodGate.from_json(old).is_outside(fresh), pooled.is_outside(fresh))
+
+
 def test_mean_neighbour_distance_by_hand() -> None:
     reference = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
     queries = np.array([[0.0, 0.0], [3.0, 0.0]])
@@ -178,7 +209,7 @@ def test_feature_gate_radius_per_class_is_each_class_own_quantile() -> None:
     rng = np.random.default_rng(6)
     tight = rng.normal(0, 0.1, (300, 2))  # files of class 0 pack closely (survey cutouts)
     wide = rng.normal(0, 2.0, (300, 2)) + np.array([20.0, 0.0])  # class 1 spreads wide (simulated artifacts)
-    few = rng.normal(0, 1.0, (ir.FEATURE_GATE_MIN_CLASS_FILES - 1, 2)) + np.array([0.0, 40.0])  # class 2: few
+    few = rng.normal(0, 1.0, (ir.GATE_MIN_CLASS_FILES - 1, 2)) + np.array([0.0, 40.0])  # class 2: few
     features, labels = np.vstack([tight, wide, few]), np.repeat([0, 1, 2], [300, 300, len(few)])
     pooled = ir.FeatureGate.fit(features, k=10, quantile=0.95)
     gate = ir.FeatureGate.fit(features, k=10, quantile=0.95, labels=labels, n_classes=4)
