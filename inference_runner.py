@@ -97,6 +97,15 @@ __all__ = [
 # --------------------------------------------------------------------------- operating point
 
 
+def class_quantiles(values: np.ndarray, labels: np.ndarray, classes: Iterable[int], quantile: float,
+                    fallback: float, min_files: int = 1) -> tuple[float, ...]:
+    """Per class in ``classes``: the ``quantile`` of ``values`` over the rows of that class in ``labels``, or
+    ``fallback`` for a class with fewer than ``min_files`` rows (a gate's limit per class)."""
+    values, labels = np.asarray(values, dtype=np.float64), np.asarray(labels)
+    return tuple(float(np.quantile(values[labels == c], quantile)) if (labels == c).sum() >= min_files else fallback
+                 for c in classes)
+
+
 @dataclass(frozen=True)
 class OodGate:
     """Out-of-distribution gate: Mahalanobis distance of a file's embedding to the nearest class mean.
@@ -131,10 +140,8 @@ class OodGate:
         distances = cls._out_of_fold_distances(embeddings, labels, quantile, ridge, folds) if folds >= 2 \
             else gate.distance(embeddings)
         pooled = float(np.quantile(distances, quantile))
-        per_class = tuple(max(pooled, float(np.quantile(distances[labels == k], quantile)))
-                          if (labels == k).sum() >= GATE_MIN_CLASS_FILES else pooled
-                          for k in np.unique(labels))
-        return dataclasses.replace(gate, max_distance=pooled, class_max_distance=per_class)
+        own = class_quantiles(distances, labels, np.unique(labels), quantile, pooled, GATE_MIN_CLASS_FILES)
+        return dataclasses.replace(gate, max_distance=pooled, class_max_distance=tuple(max(pooled, q) for q in own))
 
     @classmethod
     def _fitted(cls, embeddings: np.ndarray, labels: np.ndarray, quantile: float, ridge: float) -> OodGate:
@@ -276,10 +283,9 @@ class FeatureGate:
         if labels is None:
             return cls(reference, k, pooled, quantile)
         labels = np.asarray(labels)
-        per_class = tuple(float(np.quantile(own[labels == c], quantile))
-                          if (labels == c).sum() >= GATE_MIN_CLASS_FILES else pooled
-                          for c in range(int(labels.max()) + 1 if n_classes is None else n_classes))
-        return cls(reference, k, pooled, quantile, per_class)
+        classes = range(int(labels.max()) + 1 if n_classes is None else n_classes)
+        return cls(reference, k, pooled, quantile,
+                   class_quantiles(own, labels, classes, quantile, pooled, GATE_MIN_CLASS_FILES))
 
     def distance(self, features: np.ndarray) -> np.ndarray:
         return mean_neighbour_distance(features, self.reference, self.k)
@@ -376,10 +382,7 @@ class SmoothGate:
     @classmethod
     def fit(cls, fractions: np.ndarray, labels: np.ndarray, n_classes: int, quantile: float = 0.95) -> SmoothGate:
         """Each class's ``quantile`` of its calibration files' fractions (a class without files: no limit)."""
-        fractions, labels = np.asarray(fractions, dtype=np.float64), np.asarray(labels)
-        limits = tuple(float(np.quantile(fractions[labels == c], quantile)) if np.any(labels == c) else 1.0
-                       for c in range(n_classes))
-        return cls(limits, quantile)
+        return cls(class_quantiles(fractions, labels, range(n_classes), quantile, 1.0), quantile)
 
     def is_outside(self, fractions: np.ndarray, predicted: np.ndarray) -> np.ndarray:
         """Per file: its smooth fraction lies above the limit of its ``predicted`` class (index per row)."""
