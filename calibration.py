@@ -9,6 +9,7 @@ same pass.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 from collections.abc import Sequence
@@ -561,6 +562,28 @@ def evaluate(service: ir.ClassifierService, data: LabelledLogits, temperature: f
         if ood is not None:
             result[key]["ood"] = ood_abstention(op, names, ood, temperature, tta)
     result["per_input_style"] = by_input_style(op, data, temperature)
+    result["coverage_by_gate"] = coverage_by_gate(op, data, temperature)
+    return result
+
+
+# each gate of an operating point, by the name figures report it under
+GATE_FIELDS = {"mahalanobis_gate": "ood_gate", "learned_gate": "ood_classifier", "feature_gate": "feature_gate",
+               "member_gate": "member_gate", "smooth_gate": "smooth_gate"}
+
+
+def coverage_by_gate(op: ir.OperatingPoint, data: LabelledLogits, temperature: float) -> dict[str, float]:
+    """Coverage (with TTA) with every gate, with each gate left out, and with the thresholds alone: what each gate
+    costs in-distribution files (the out-of-distribution tables say what it buys)."""
+    probs = op.probabilities(data.for_tta(True), temperature)
+
+    def coverage(inside: np.ndarray | None) -> float:
+        return float(accepted_mask(probs, list(op.class_names), op.thresholds[True], inside).mean())
+
+    result = {"all_gates": coverage(data.inside(op, probs))}
+    for name, field in GATE_FIELDS.items():
+        if getattr(op, field) is not None:
+            result[f"without_{name}"] = coverage(data.inside(dataclasses.replace(op, **{field: None}), probs))
+    result["thresholds_only"] = coverage(None)
     return result
 
 

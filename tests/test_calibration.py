@@ -175,6 +175,21 @@ def test_ood_gate_widens_the_radius_for_a_class_that_spreads_wide_and_never_narr
     np.testing.assert_array_equal(ir.OodGate.from_json(old).is_outside(fresh), pooled.is_outside(fresh))
 
 
+def test_coverage_by_gate_says_what_each_gate_costs() -> None:
+    # four files of class 0: one labelled, one beyond the Mahalanobis radius only, one above the smooth-area limit
+    # only, one below its threshold (the gates do not matter for it)
+    logits = np.array([[4.0, 0.0], [4.0, 0.0], [4.0, 0.0], [0.1, 0.0]])
+    embeddings = np.array([[0.0], [5.0], [0.0], [0.0]])
+    data = calibration.LabelledLogits([f"f{i}" for i in range(4)], logits[:, None, :], embeddings, np.zeros(4, int),
+                                      [], np.zeros(4), np.zeros((4, 1)), embeddings, ["fits float32"] * 4,
+                                      np.array([0.0, 0.0, 0.5, 0.0]))
+    op = ir.OperatingPoint(("a", "b"), 1.0, {True: {"a": 0.9, "b": 0.9}, False: {"a": 0.9, "b": 0.9}},
+                           ood_gate=ir.OodGate(np.zeros((2, 1)), np.eye(1), 1.0, 0.95),
+                           smooth_gate=ir.SmoothGate((0.1, 0.1), 0.95))
+    assert calibration.coverage_by_gate(op, data, 1.0) == {
+        "all_gates": 0.25, "without_mahalanobis_gate": 0.5, "without_smooth_gate": 0.5, "thresholds_only": 0.75}
+
+
 def test_mean_neighbour_distance_by_hand() -> None:
     reference = np.array([[0.0, 0.0], [3.0, 4.0], [6.0, 8.0]])
     queries = np.array([[0.0, 0.0], [3.0, 0.0]])
@@ -465,6 +480,9 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     assert sum(f["per_class"][name]["accepted"] for f in by_style.values() for name in CLASS_NAMES) == sum(
         result["tta"]["per_class"][name]["accepted"] for name in CLASS_NAMES), "the styles split the labels"
     assert all(0 <= f["turned_away_by_gates"] <= 1 for f in by_style.values())
+    by_gate = result["coverage_by_gate"]
+    assert by_gate["all_gates"] == pytest.approx(result["tta"]["coverage"])
+    assert all(by_gate["all_gates"] <= value <= by_gate["thresholds_only"] for value in by_gate.values())
     for key in ("tta", "no_tta"):
         report = result[key]["prediction_sets"]
         assert report["target"] == 0.95 and report["n"] == 20 and 1 <= report["mean_set_size"] <= 5

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from backends import sha256_of
+from calibration import GATE_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 EVALUATION = json.loads((ROOT / "evaluation" / "evaluation.json").read_text())
@@ -98,3 +99,12 @@ def test_model_card_table_by_input_style() -> None:
             row = (f"| {data} | {style} | {figures['n']:,} | {figures['coverage']:.3f} | "
                    f"{figures['turned_away_by_gates']:.3f} | {figures['top1_accuracy']:.3f} |")
             assert row in MODEL_CARD, f"MODEL_CARD's table by input style: {row}"
+
+
+def test_model_card_gate_costs() -> None:
+    flat = " ".join(MODEL_CARD.split())
+    for data in ("simulated_test", "real_validation"):
+        by_gate = EVALUATION[data]["coverage_by_gate"]
+        left_out = " / ".join(f"{by_gate[f'without_{gate}']:.3f}" for gate in GATE_FIELDS)  # the card's order
+        quoted = f"{left_out}; thresholds alone {by_gate['thresholds_only']:.3f}"
+        assert quoted in flat, f"MODEL_CARD's {data} gate costs: {quoted}"

@@ -134,7 +134,9 @@ def real_breakdown(service: ir.ClassifierService, files: Sequence[LabelledFile],
                               "n_failed": len(data.failed),
                               "unseen_objects": _brief(service, _subset(data, np.nonzero(unseen)[0]), temperature)
                               if unseen.any() else None, "per_source": {},
-                              "per_input_style": calibration.by_input_style(service.operating_point, data, temperature)}
+                              "per_input_style": calibration.by_input_style(service.operating_point, data, temperature),
+                              "coverage_by_gate": calibration.coverage_by_gate(service.operating_point, data,
+                                                                               temperature)}
     for source in sorted(set(sources)):
         rows = np.nonzero(sources == source)[0]
         result["per_source"][source] = _brief(service, _subset(data, rows), temperature)
