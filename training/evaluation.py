@@ -95,6 +95,14 @@ def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temp
     return metrics
 
 
+# the OOD table's columns: the operating-point fields each leaves out (calibration.GATE_FIELDS names the gates)
+OOD_GATE_COLUMNS = {
+    "mahalanobis_only": {field: None for name, field in calibration.GATE_FIELDS.items() if name != "mahalanobis_gate"},
+    **{f"without_{name}": {calibration.GATE_FIELDS[name]: None}
+       for name in ("feature_gate", "member_gate", "smooth_gate")},
+}
+
+
 def ood_by_kind(service: ir.ClassifierService, ood_dir: Path, temperature: float,
                 loko: tuple[np.ndarray, dict[str, calibration.LabelledLogits]] | None) -> dict[str, Any]:
     """Abstention on each held-out kind: with the shipped gates and, given the learned gate's fit data, with a
@@ -103,11 +111,7 @@ def ood_by_kind(service: ir.ClassifierService, ood_dir: Path, temperature: float
     result = {}
     for kind, data in ood_embeddings(service, ood_dir).items():
         result[kind] = calibration.ood_abstention(op, names, data, temperature)
-        for column, gates_left_out in (("mahalanobis_only", {"ood_classifier": None, "feature_gate": None,
-                                                              "member_gate": None, "smooth_gate": None}),
-                                       ("without_feature_gate", {"feature_gate": None}),
-                                       ("without_member_gate", {"member_gate": None}),
-                                       ("without_smooth_gate", {"smooth_gate": None})):
+        for column, gates_left_out in OOD_GATE_COLUMNS.items():
             result[kind][f"abstained_fraction_{column}"] = calibration.ood_abstention(
                 dataclasses.replace(op, **gates_left_out), names, data, temperature)["abstained_fraction"]
         result[kind]["held_out"] = op.ood_classifier is None or kind not in op.ood_classifier.kinds
