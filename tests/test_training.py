@@ -316,6 +316,18 @@ def _trained_body(model) -> list[np.ndarray]:
     return [np.asarray(weight) for weight in model.trainable_weights if id(weight) not in head]
 
 
+@pytest.mark.parametrize("quantile", ["0", "1", "1.5"])
+def test_training_refuses_a_gate_quantile_outside_0_1_before_any_work(quantile: str, tmp_path: Path,
+                                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    from training import train
+
+    with pytest.raises(SystemExit) as exited:
+        train.main(["--out", str(tmp_path / "out"), "--ood-quantile", quantile])
+    assert exited.value.code == 2
+    assert f"--ood-quantile must be in (0, 1), got {float(quantile)}" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None:
     """``python -m training.train --real_dir ... --real_val_dir ...`` at toy sizes: every stage runs and the
     validation-only source is evaluated, never trained or calibrated on."""
@@ -351,7 +363,8 @@ def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None
     assert train.main(["--out", str(tuned), "--work-dir", str(tmp_path / "work"), "--per-class", "3",
                        "--calibration-per-class", "2", "--test-per-class", "2", "--epochs", "1",
                        "--epoch-per-class", "8", "--real_dir", str(survey), "--real_val_dir", str(photos),
-                       "--init-model", str(out / train.MODEL_NAME), "--peak-lr", "1e-4", "--model-seed", "5"]) == 0
+                       "--init-model", str(out / train.MODEL_NAME), "--peak-lr", "1e-4", "--model-seed", "5",
+                       "--ood-quantile", "0.9"]) == 0
     scalers = [joblib.load(d / train.SCALER_NAME) for d in (out, tuned)]
     np.testing.assert_array_equal(scalers[0].mean_, scalers[1].mean_)
     np.testing.assert_array_equal(scalers[0].scale_, scalers[1].scale_)
@@ -359,3 +372,7 @@ def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None
     moved = max(float(np.abs(a - b).max()) for a, b in zip(before, after, strict=True))
     assert 0 < moved < 0.01, "a small step from the given weights, not a fresh model of another seed"
     assert (tuned / "evaluation" / "evaluation.json").is_file()
+    # --ood-quantile reaches every gate calibration fits; the learned gate keeps its own
+    for directory, quantile in ((out, 0.95), (tuned, 0.9)):
+        document = json.loads((directory / train.THRESHOLDS_NAME).read_text())
+        assert {document[gate]["quantile"] for gate in ("ood_gate", "feature_gate", "smooth_gate")} == {quantile}

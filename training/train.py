@@ -525,6 +525,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-lr", type=float, default=Recipe.peak_lr, help="learning rate after warmup")
     parser.add_argument("--temperature", type=float, default=None,
                         help="operating temperature to calibrate at (default: the fitted one)")
+    parser.add_argument("--ood-quantile", type=float, default=0.95,
+                        help="quantile of the calibration files that the Mahalanobis, feature, member and smooth-area "
+                             "gates let through (MODEL_CARD.md: what it trades)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps the labelled directories (default: temp)")
     parser.add_argument("--skip-train", action="store_true",
                         help="keep the model and scaler in --out; only recalibrate and evaluate")
@@ -540,6 +543,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="seed of initialisation and sampling only: members of an ensemble differ in it and "
                              "share the split (training.ensemble)")
     args = parser.parse_args(argv)
+    if not 0 < args.ood_quantile < 1:
+        parser.error(f"--ood-quantile must be in (0, 1), got {args.ood_quantile}")
     try:
         require_full_install("training")
     except ArtifactError as exc:
@@ -597,7 +602,8 @@ def main(argv: list[str] | None = None) -> int:
                                    + real_data.labelled_pairs(real_calibration, names),
                                    thresholds_path, args.temperature, 0.95,
                                    {"simulated_per_class": args.calibration_per_class,
-                                    "real": real_data.summarise(real_calibration).get("calibration", {})})
+                                    "real": real_data.summarise(real_calibration).get("calibration", {})},
+                                   ood_quantile=args.ood_quantile)
     fit_set = add_ood_classifier(model_path, scaler_path, thresholds_path, calibrated, ood_fit_dir, outlier_kinds)
     evaluation = evaluate_all(model_path, scaler_path, thresholds_path, names,
                               simulated_test=calibration.labelled_files(test_dir, names),
