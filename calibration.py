@@ -506,6 +506,13 @@ def _refuses_hdu_all(args: argparse.Namespace) -> bool:
 def cmd_calibrate(args: argparse.Namespace) -> int:
     if _refuses_hdu_all(args):
         return ir.EXIT_USAGE
+    # 0 turns the sets, the confidence bound and the gates off; any other value is a share
+    for flag, value in (("--target_precision", args.target_precision), ("--set_coverage", args.set_coverage or 0.5),
+                        ("--precision_confidence", args.precision_confidence or 0.5),
+                        ("--ood_quantile", args.ood_quantile or 0.5)):
+        if not 0 < value < 1:
+            print(f"error: {flag} must be in (0, 1), got {value}", file=sys.stderr)
+            return ir.EXIT_USAGE
     try:
         backends.require_full_install("calibrate")
         names = _class_names_for(args)
@@ -514,11 +521,6 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     except (ir.ArtifactError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return ir.EXIT_ARTIFACTS
-    for flag, value in (("--target_precision", args.target_precision), ("--set_coverage", args.set_coverage or 0.5),
-                        ("--precision_confidence", args.precision_confidence or 0.5)):
-        if not 0 < value < 1:
-            print(f"error: {flag} must be in (0, 1), got {value}", file=sys.stderr)
-            return ir.EXIT_USAGE
     data = collect_logits(service, files, args.batch_size)
     document = calibrate(service, data, args.temperature, args.target_precision, args.ood_quantile or None,
                          args.set_coverage or None, args.class_conditional_sets, args.feature_neighbours,

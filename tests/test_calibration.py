@@ -506,6 +506,17 @@ def test_calibrate_and_evaluate_refuse_hdu_all(tiny_artifacts: dict[str, Path], 
     assert capsys.readouterr().err.count("--hdu all is for filesystem") == 2
 
 
+@pytest.mark.parametrize(("flag", "value"), [("--ood_quantile", "1.5"), ("--ood_quantile", "-0.1"),
+                                           ("--target_precision", "1"), ("--set_coverage", "2")])
+def test_calibrate_refuses_a_share_outside_0_1_before_loading_anything(flag: str, value: str, tmp_path: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    code = cli.main(["calibrate", "--labelled_dir", str(tmp_path / "absent"), "--class_names", "a,b",
+                     "--model_path", str(tmp_path / "absent.keras"), "--output", str(tmp_path / "t.json"),
+                     flag, value])
+    assert code == ir.EXIT_USAGE and not (tmp_path / "t.json").exists()
+    assert f"error: {flag} must be in (0, 1), got {float(value)}" in capsys.readouterr().err
+
+
 def test_calibrate_refuses_a_directory_without_class_folders(tiny_artifacts: dict[str, Path], tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     code = cli.main(["calibrate", "--labelled_dir", str(tmp_path / "empty"), "--class_names", "a,b,c,d,e",
