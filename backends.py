@@ -1,8 +1,9 @@
 """Model runtimes behind one interface: Keras (TensorFlow, JAX... whatever Keras runs on) and LiteRT.
 
-The service only calls ``forward(images, features, tta) -> (scores, embeddings)`` per TTA view; which runtime
-answers is chosen once, when the service is built. LiteRT (``ai-edge-litert``, XNNPACK on CPU) runs the exported
-``<model>.tflite`` without TensorFlow: a worker with ``requirements-lite.txt`` never imports TensorFlow or Keras.
+The service only calls ``forward(images, features, tta) -> (scores, embeddings, feature-map means)`` per TTA
+view; which runtime answers is chosen once, when the service is built. LiteRT (``ai-edge-litert``, XNNPACK on
+CPU) runs the exported ``<model>.tflite`` without TensorFlow: a worker with ``requirements-lite.txt`` never
+imports TensorFlow or Keras.
 Exporting needs TensorFlow.
 
 Nothing heavy is imported at module import: each runtime is imported when a backend of its kind is built.
@@ -40,6 +41,9 @@ class ArtifactError(Exception):
     """A model, scaler or thresholds file is missing, unreadable or inconsistent (or its runtime is missing)."""
 
 
+Outputs = tuple[np.ndarray, np.ndarray, np.ndarray | None]  # scores, embeddings, feature-map means per view
+
+
 class ModelBackend(Protocol):
     """What the service needs from a runtime: one forward pass over a batch, and facts about the model."""
 
@@ -51,15 +55,19 @@ class ModelBackend(Protocol):
     outputs_probabilities: bool  # the first output is softmax probabilities (else logits)
 
     tta_views: int  # views per file with TTA (:func:`tta_view_count`); one without
+    has_layer_means: bool  # the model outputs its feature-map means (an export made before the layer gate does not)
 
-    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        """(B, 448, 448) float32 planes and (B, F) scaled features -> (B, V, K) scores and (B, V, E) embeddings
-        for the V views of :func:`tta_views` (V = ``tta_views`` with TTA, else 1)."""
+    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> Outputs:
+        """(B, 448, 448) float32 planes and (B, F) scaled features -> (B, V, K) scores, (B, V, E) embeddings and
+        (B, V, L) feature-map means (None without ``has_layer_means``) for the V views of :func:`tta_views`
+        (V = ``tta_views`` with TTA, else 1)."""
         ...
 
 
 FULL_TTA_VIEWS = 4  # identity, left-right flip, up-down flip, 180-degree rotation
 ROTATED_VIEW = "view_rotated_180"  # training.ensemble feeds alternate members each view through this sub-model
+LAYER_MEANS_OUTPUT = "layer_means"  # the third output: channel means of the last feature maps (the layer gate's)
+LAYER_GATE_MAPS = 3  # how many of the image path's last activation maps the layer gate measures
 
 
 def tta_views(images: np.ndarray, count: int) -> list[np.ndarray]:
@@ -237,10 +245,70 @@ def load_keras_model(path: Path) -> Any:
         raise ArtifactError(f"{path}: cannot load Keras model: {exc}") from exc
 
 
-def forward_model(model: Any) -> Any:
-    """The model with its embedding as a second output (what both runtimes run)."""
+def _feature_map_means(branch: Any) -> Any | None:
+    """The channel means of the last ``LAYER_GATE_MAPS`` activation maps of ``branch`` (a model's image path),
+    concatenated; None when it has no activation map."""
     keras = import_keras()
-    return keras.Model(model.inputs, [model.outputs[0], embedding_tensor(model)])
+    maps = [layer.output for layer in branch.layers
+            if isinstance(layer, keras.layers.Activation) and len(layer.output.shape) == 4][-LAYER_GATE_MAPS:]
+    if not maps:
+        return None
+    pooled = [keras.layers.GlobalAveragePooling2D(name=f"{LAYER_MEANS_OUTPUT}_{i}")(m) for i, m in enumerate(maps)]
+    return keras.layers.Concatenate(name=LAYER_MEANS_OUTPUT)(pooled)
+
+
+def feature_map_sizes(model: Any) -> tuple[int, ...]:
+    """The width of each activation map whose channel means :func:`forward_model` outputs (the layer gate's
+    blocks): the first member's for an ensemble."""
+    keras = import_keras()
+    branch = _members(model)[0] if _members(model) else model
+    maps = [layer.output for layer in branch.layers
+            if isinstance(layer, keras.layers.Activation) and len(layer.output.shape) == 4][-LAYER_GATE_MAPS:]
+    return tuple(int(m.shape[-1]) for m in maps)
+
+
+def _members(model: Any) -> list[Any]:
+    """An ensemble's member sub-models in order (``training.ensemble``); [] for any other model."""
+    members = [layer for layer in model.layers if layer.name.startswith(MEMBER_PREFIX) and hasattr(layer, "layers")]
+    return sorted(members, key=lambda layer: int(layer.name[len(MEMBER_PREFIX):]))
+
+
+def forward_model(model: Any) -> Any:
+    """What both runtimes run: the model with its embedding as a second output and, as a third, the channel means
+    of the last feature maps of its (first member's) image path, which the layer gate measures."""
+    keras = import_keras()
+    members = _members(model)
+    if not members:
+        means = _feature_map_means(model)
+        extra = [] if means is None else [means]
+        return keras.Model(model.inputs, [model.outputs[0], embedding_tensor(model), *extra])
+    return _ensemble_forward(model, members)
+
+
+def _ensemble_forward(model: Any, members: list[Any]) -> Any:
+    """The ensemble's graph (``training.ensemble``) called anew on the same layers, its first member extended
+    to output its feature-map means: a nested member's inner tensors are not outputs the outer graph can name."""
+    keras = import_keras()
+    image_name, feature_name, _ = describe_inputs(model, Path(model.name))
+    by_name = {tensor.name.split(":")[0]: tensor for tensor in model.inputs}
+    inputs = {key: keras.Input(tuple(by_name[key].shape[1:]), name=key) for key in (image_name, feature_name)}
+    image = inputs[image_name]
+    views = (image, model.get_layer(ROTATED_VIEW)(image) if has_rotated_view(model) else image)
+    means = _feature_map_means(members[0])
+    first = keras.Model(members[0].inputs, [members[0].outputs[0], *([] if means is None else [means])])
+    embeddings, extra = [], []
+    for index, member in enumerate(members):
+        fed = {image_name: views[index % 2], feature_name: inputs[feature_name]}
+        args = [fed[tensor.name.split(":")[0]] for tensor in member.inputs]
+        if index == 0:
+            outputs = first(args)
+            outputs = outputs if isinstance(outputs, (list, tuple)) else [outputs]
+            embeddings.append(outputs[0])
+            extra = list(outputs[1:])
+        else:
+            embeddings.append(member(args))
+    embedding = model.get_layer(EMBEDDING_OUTPUT)(embeddings)  # training.ensemble's concatenation layer
+    return keras.Model(inputs, [final_layer(model)(embedding), embedding, *extra])
 
 
 class KerasBackend:
@@ -258,17 +326,18 @@ class KerasBackend:
         self.outputs_probabilities = ends_in_softmax(model)
         self.tta_views = tta_view_count(model)
         self._model = forward_model(model)
+        self.has_layer_means = len(self._model.outputs) == 3
 
-    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> Outputs:
         views = tta_views(images, self.tta_views if tta else 1)
         # every view of every file in one pass: (B * V, H, W, C), file-major
         stacked = np.stack(views, axis=1).reshape(-1, *images.shape[1:])[..., None]
         if self.channels == 3:
             stacked = np.repeat(stacked, 3, axis=-1)
-        scores, embedding = self._model.predict_on_batch({self._image_input: stacked,
-                                                          self._feature_input: np.repeat(features, len(views), 0)})
-        return (np.asarray(scores).reshape(len(images), len(views), -1),
-                np.asarray(embedding).reshape(len(images), len(views), -1))
+        outputs = self._model.predict_on_batch({self._image_input: stacked,
+                                                self._feature_input: np.repeat(features, len(views), 0)})
+        scores, embedding, *means = (np.asarray(o).reshape(len(images), len(views), -1) for o in outputs)
+        return scores, embedding, means[0] if means else None
 
 
 class LiteRTBackend:
@@ -299,16 +368,19 @@ class LiteRTBackend:
             raise ArtifactError(f"{tflite_path}: cannot load LiteRT model: {exc}") from exc
         inputs, outputs = runner.get_input_details(), runner.get_output_details()
         del runner  # it holds the interpreter's buffers, which would block resizing them
-        if set(inputs) != {IMAGE_INPUT, FEATURE_INPUT} or EMBEDDING_OUTPUT not in outputs or len(outputs) != 2:
+        scores = set(outputs) - {EMBEDDING_OUTPUT, LAYER_MEANS_OUTPUT}  # an export made before the layer gate: 2
+        if set(inputs) != {IMAGE_INPUT, FEATURE_INPUT} or EMBEDDING_OUTPUT not in outputs or len(scores) != 1:
             raise ArtifactError(f"{tflite_path}: not an export of this tool (inputs {sorted(inputs)}, outputs "
                                 f"{sorted(outputs)}); make it with `inference-runner export`")
         self.channels = check_input_shapes(tflite_path, tuple(inputs[IMAGE_INPUT]["shape_signature"]),
                                            tuple(inputs[FEATURE_INPUT]["shape_signature"]))
-        score_output = next(name for name in outputs if name != EMBEDDING_OUTPUT)
+        score_output = scores.pop()
         self.outputs_probabilities = score_output == "probabilities"
         self.n_outputs = int(outputs[score_output]["shape_signature"][-1])
         self._image, self._features = inputs[IMAGE_INPUT]["index"], inputs[FEATURE_INPUT]["index"]
         self._scores, self._embedding = outputs[score_output]["index"], outputs[EMBEDDING_OUTPUT]["index"]
+        self.has_layer_means = LAYER_MEANS_OUTPUT in outputs
+        self._means = outputs[LAYER_MEANS_OUTPUT]["index"] if self.has_layer_means else None
         self._views = 0  # the batch dimension the interpreter is allocated for
         size = data_loader.IMAGE_SIZE
         with stderr_silenced(_quiet()):  # the XNNPACK delegate announces itself on the first run
@@ -323,10 +395,10 @@ class LiteRTBackend:
             self._interpreter.allocate_tensors()
             self._views = views
 
-    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, images: np.ndarray, features: np.ndarray, tta: bool) -> Outputs:
         views = tta_views(images, self.tta_views if tta else 1)
         self._allocate(len(views))
-        scores, embeddings = [], []
+        scores, embeddings, means = [], [], []
         for index in range(len(images)):
             image_buffer = self._interpreter.tensor(self._image)()  # a view on the input: no copy of the batch
             for slot, view in enumerate(views):
@@ -336,7 +408,9 @@ class LiteRTBackend:
             self._interpreter.invoke()
             scores.append(self._interpreter.get_tensor(self._scores))
             embeddings.append(self._interpreter.get_tensor(self._embedding))
-        return np.stack(scores), np.stack(embeddings)
+            if self._means is not None:
+                means.append(self._interpreter.get_tensor(self._means))
+        return np.stack(scores), np.stack(embeddings), np.stack(means) if means else None
 
 
 def _is_patch_convolution(layer: Any, conv_class: type) -> bool:
@@ -420,8 +494,8 @@ def export_litert(model_path: str | os.PathLike[str], output_path: str | os.Path
     score_name = "probabilities" if ends_in_softmax(model) else "logits"
 
     def serve(image: Any, features: Any) -> dict[str, Any]:
-        scores, embedding = forward({image_name: image, feature_name: features}, training=False)
-        return {score_name: scores, EMBEDDING_OUTPUT: embedding}
+        scores, embedding, *means = forward({image_name: image, feature_name: features}, training=False)
+        return {score_name: scores, EMBEDDING_OUTPUT: embedding, **dict(zip([LAYER_MEANS_OUTPUT], means))}
 
     archive = keras.export.ExportArchive()
     archive.track(forward)
@@ -439,7 +513,7 @@ def export_litert(model_path: str | os.PathLike[str], output_path: str | os.Path
     return output
 
 
-PIN_TOLERANCE = 1e-3  # largest |difference| of logits or embedding between a model and an export that may be pinned
+PIN_TOLERANCE = 1e-3  # largest |difference| of any output between a model and an export that may be pinned
 
 
 def export_difference(keras_model: KerasBackend, export: Path, n_probes: int = 4, seed: int = 0) -> float:
@@ -451,8 +525,10 @@ def export_difference(keras_model: KerasBackend, export: Path, n_probes: int = 4
     rng = np.random.default_rng(seed)
     images = rng.random((n_probes, data_loader.IMAGE_SIZE, data_loader.IMAGE_SIZE), dtype=np.float32)
     features = rng.standard_normal((n_probes, data_loader.N_FEATURES)).astype(np.float32)
+    if keras_model.has_layer_means != lite.has_layer_means:
+        return float("inf")
     pairs = zip(keras_model.forward(images, features, True), lite.forward(images, features, True))
-    return float(max(np.abs(np.asarray(a, np.float64) - b).max() for a, b in pairs))
+    return float(max(np.abs(np.asarray(a, np.float64) - b).max() for a, b in pairs if a is not None))
 
 
 def litert_pin(model_path: str | os.PathLike[str], keras_model: KerasBackend | None = None) -> dict[str, str]:

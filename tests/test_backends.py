@@ -337,3 +337,37 @@ def test_loky_max_cpu_count_caps_the_default_threads(monkeypatch: pytest.MonkeyP
     assert ir.data_loader.available_cpus() == 1
     monkeypatch.delenv("LOKY_MAX_CPU_COUNT")
     assert 1 <= ir.data_loader.available_cpus() <= len(os.sched_getaffinity(0))
+
+
+def test_a_layer_gate_stops_files_on_both_runtimes_and_needs_an_export_with_the_means(
+        tiny_lite_artifacts: dict[str, Path], mixed_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    own = copy_artifacts(tiny_lite_artifacts, tmp_path / "own")
+    paths = list(ir.scan_paths(mixed_dir))
+    plain = {name: [s for s in scored(ir.ClassifierService(own["model"], own["scaler"], own["thresholds"],
+                                                           backend=name), paths) if s.layer_means is not None]
+             for name in ("keras", "litert")}
+    assert len(plain["keras"]) == len(plain["litert"]) > 3
+    means = np.stack([s.layer_means for s in plain["keras"]])
+    np.testing.assert_allclose(np.stack([s.layer_means for s in plain["litert"]]), means, atol=1e-4)
+    sizes = backends.feature_map_sizes(backends.load_keras_model(own["model"]))
+    assert sum(sizes) == means.shape[1]
+    labels = np.arange(len(means)) % 2
+    gate = ir.LayerGate.fit(np.vstack([means] * 4), np.tile(labels, 4), sizes, quantile=0.99)
+    before = ir.ClassifierService(own["model"], own["scaler"], own["thresholds"]).predict_paths(paths)
+    assert any(r.abstain_reason != "out_of_distribution" for r in before if not r.error)
+    document = json.loads(own["thresholds"].read_text())
+    document["layer_gate"] = {**gate.to_json(), "max_score": -1.0}  # every file beyond the cut
+    own["thresholds"].write_text(json.dumps(document))
+    for name in ("keras", "litert"):
+        service = ir.ClassifierService(own["model"], own["scaler"], own["thresholds"], backend=name)
+        decided = [r for r in service.predict_paths(paths) if not r.error]
+        assert decided and all(r.abstain_reason == "out_of_distribution" for r in decided), name
+    original = backends.LiteRTBackend.__init__
+
+    def before_the_layer_gate(self, *args, **kwargs) -> None:  # an export made before the layer gate existed
+        original(self, *args, **kwargs)
+        self.has_layer_means = False
+
+    monkeypatch.setattr(backends.LiteRTBackend, "__init__", before_the_layer_gate)
+    with pytest.raises(ir.ArtifactError, match=r"no feature-map means.*re-export"):
+        ir.ClassifierService(own["model"], own["scaler"], own["thresholds"], backend="litert")

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import backends
 import calibration
 import cli
 import inference_runner as ir
@@ -282,6 +283,36 @@ def test_smooth_gate_limit_is_each_class_own_quantile() -> None:
         point.inside(embeddings, None, np.array([1, 1]))
 
 
+def test_layer_gate_keeps_its_quantile_and_stops_a_file_apart_in_one_map() -> None:
+    rng = np.random.default_rng(11)
+    sizes = (3, 5)
+    labels = np.repeat([0, 1], 600)
+    centres = np.zeros((2, 8))
+    centres[1] = 4.0
+
+    def draw(rows: np.ndarray) -> np.ndarray:
+        return centres[rows] + rng.normal(0, 1, (len(rows), 8))
+
+    gate = ir.LayerGate.fit(draw(labels), labels, sizes, quantile=0.9)
+    assert len(gate.maps) == 2 and [len(r) for r in gate.references] == [1200, 1200]
+    # the cut is a quantile of out-of-fold scores, so new files like the calibration files go at about 1 - 0.9
+    fresh = np.repeat([0, 1], 2000)
+    assert gate.is_outside(draw(fresh)).mean() == pytest.approx(0.10, abs=0.02)
+    apart = draw(np.zeros(50, int))
+    apart[:, 3:] += 8.0  # the second map alone far from both classes (the first one ordinary)
+    assert gate.is_outside(apart).all()
+    restored = ir.LayerGate.from_json(json.loads(json.dumps(gate.to_json())))
+    probe = draw(fresh[:300])
+    np.testing.assert_array_equal(restored.score(probe), gate.score(probe))
+    assert restored.max_score == gate.max_score and restored.sizes == sizes
+    with pytest.raises(ValueError, match="do not split"):
+        ir.LayerGate.fit(draw(labels), labels, (3, 4))
+    point = ir.OperatingPoint(("a", "b"), 1.0, {True: {"a": 0, "b": 0}, False: {"a": 0, "b": 0}}, layer_gate=gate)
+    assert point.inside(np.zeros((2, 3)), None, None, None, np.vstack([probe[:1], apart[:1]]))[1] == False  # noqa: E712
+    with pytest.raises(ValueError, match="layer gate"):
+        point.inside(np.zeros((2, 3)), None)
+
+
 def test_smooth_gate_abstains_on_the_class_it_limits(tiny_artifacts: dict[str, Path], tmp_path: Path,
                                                      mixed_dir: Path) -> None:
     service = ir.ClassifierService(tiny_artifacts["model"], tiny_artifacts["scaler"], tiny_artifacts["thresholds"])
@@ -371,9 +402,9 @@ def _views_apart(service: ir.ClassifierService) -> ir.ClassifierService:
     embeddings barely change under a flip, so without this the gates would decide alike on any view."""
     forward = service.backend.forward
 
-    def shifted(images: np.ndarray, features: np.ndarray, tta: bool) -> tuple[np.ndarray, np.ndarray]:
-        scores, embeddings = forward(images, features, tta)
-        return scores, np.asarray(embeddings) + 0.5 * np.arange(np.shape(embeddings)[1])[None, :, None]
+    def shifted(images: np.ndarray, features: np.ndarray, tta: bool) -> backends.Outputs:
+        scores, embeddings, means = forward(images, features, tta)
+        return scores, np.asarray(embeddings) + 0.5 * np.arange(np.shape(embeddings)[1])[None, :, None], means
 
     service.backend.forward = shifted
     return service

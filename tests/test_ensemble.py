@@ -17,11 +17,13 @@ import inference_runner as ir
 from backends import (
     MEMBER_PREFIX,
     KerasBackend,
+    LiteRTBackend,
     embedding_tensor,
     ensemble_head,
     export_difference,
     export_litert,
     final_layer,
+    forward_model,
     load_keras_model,
     tta_view_count,
 )
@@ -90,15 +92,28 @@ def test_two_tta_views_give_the_members_all_four_views_between_them(tmp_path: Pa
     merge(members).save(path)
     backend = KerasBackend(path)
     x = _inputs(2)
-    logits, _ = backend.forward(x["image"][..., 0], x["features"], tta=True)
+    logits, _, means = backend.forward(x["image"][..., 0], x["features"], tta=True)
     assert logits.shape == (2, 2, 5)
     image = x["image"]
     views = {"identity": image, "lr": image[:, :, ::-1], "ud": image[:, ::-1, :], "rot": image[:, ::-1, ::-1]}
     member_logits = {(m, v): np.asarray(members[m].predict_on_batch({**x, "image": views[v]}))
                      for m, seen in ((0, ("identity", "lr")), (1, ("rot", "ud"))) for v in seen}
     np.testing.assert_allclose(logits.mean(axis=1), np.mean(list(member_logits.values()), axis=0), atol=1e-5)
-    one, _ = backend.forward(x["image"][..., 0], x["features"], tta=False)
-    assert one.shape == (2, 1, 5)
+    # the layer gate's feature-map means: member 0's, of each view it sees (identity first)
+    np.testing.assert_allclose(means[:, 0], _feature_map_means(members[0], views["identity"]), atol=1e-5)
+    np.testing.assert_allclose(means[:, 1], _feature_map_means(members[0], views["lr"]), atol=1e-5)
+    one, _, one_means = backend.forward(x["image"][..., 0], x["features"], tta=False)
+    assert one.shape == (2, 1, 5) and one_means.shape == (2, 1, means.shape[-1])
+
+
+def _feature_map_means(member, images: np.ndarray) -> np.ndarray:
+    """The channel means of the member's last three activation maps, concatenated, computed apart."""
+    import keras
+
+    maps = [layer.output for layer in member.layers
+            if isinstance(layer, keras.layers.Activation) and len(layer.output.shape) == 4][-3:]
+    probe = keras.Model(member.get_layer("image").output, [keras.ops.mean(m, axis=(1, 2)) for m in maps])
+    return np.concatenate([np.asarray(a) for a in probe.predict_on_batch(images)], axis=-1)
 
 
 def _merged_before_views_were_split(members: list):
@@ -134,7 +149,21 @@ def test_merged_model_exports_to_litert_with_the_same_outputs(tmp_path: Path) ->
     path = tmp_path / "merged.keras"
     merge([_member(0), _member(1)]).save(path)
     export = export_litert(path)
-    assert export_difference(KerasBackend(path), export) <= 1e-4
+    assert export_difference(KerasBackend(path), export) <= 1e-4  # logits, embedding and feature-map means
+    assert LiteRTBackend(export, tta_views=2).has_layer_means
+
+
+def test_forward_model_adds_feature_map_means_and_keeps_the_logits(tmp_path: Path) -> None:
+    members = [_member(0), _member(1)]
+    merged, x = merge(members), _inputs()
+    logits, embedding, means = forward_model(merged).predict_on_batch(x)
+    np.testing.assert_allclose(logits, np.asarray(merged.predict_on_batch(x)), atol=1e-6)
+    assert embedding.shape[-1] == embedding_tensor(merged).shape[-1]
+    np.testing.assert_allclose(means, _feature_map_means(members[0], x["image"]), atol=1e-5)
+    # a single model: its own maps
+    single_logits, _, single_means = forward_model(members[0]).predict_on_batch(x)
+    np.testing.assert_allclose(single_means, _feature_map_means(members[0], x["image"]), atol=1e-5)
+    np.testing.assert_allclose(single_logits, np.asarray(members[0].predict_on_batch(x)), atol=1e-6)
 
 
 def test_merge_refuses_members_with_other_classes() -> None:

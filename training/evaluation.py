@@ -77,7 +77,8 @@ def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.L
     return calibration.LabelledLogits([data.paths[i] for i in rows], data.view_logits[rows], data.embeddings[rows],
                                       data.labels[rows], [], data.tiebreaks[rows], data.features[rows],
                                       data.identity_embeddings[rows], [data.input_styles[i] for i in rows],
-                                      data.smooth_fractions[rows])
+                                      data.smooth_fractions[rows],
+                                      None if data.layer_means is None else data.layer_means[rows])
 
 
 def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float,
@@ -99,7 +100,7 @@ def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temp
 OOD_GATE_COLUMNS = {
     "mahalanobis_only": {field: None for name, field in calibration.GATE_FIELDS.items() if name != "mahalanobis_gate"},
     **{f"without_{name}": {calibration.GATE_FIELDS[name]: None}
-       for name in ("feature_gate", "member_gate", "smooth_gate")},
+       for name in ("feature_gate", "member_gate", "smooth_gate", "layer_gate")},
 }
 
 
