@@ -184,7 +184,7 @@ def ensemble_head(model: Any) -> tuple[np.ndarray, np.ndarray, list[int]] | None
     """The final layer's kernel and bias and each member's embedding width, for an ensemble merged by
     ``training.ensemble`` (nested ``member_<i>`` models whose embeddings, concatenated, feed the final layer);
     None for any other model."""
-    members = [layer for layer in model.layers if layer.name.startswith(MEMBER_PREFIX) and hasattr(layer, "layers")]
+    members = _members(model)
     kernel, bias = final_layer(model).get_weights()
     sizes = [int(member.output.shape[-1]) for member in members]
     if len(members) < 2 or sum(sizes) != kernel.shape[0]:
@@ -245,12 +245,17 @@ def load_keras_model(path: Path) -> Any:
         raise ArtifactError(f"{path}: cannot load Keras model: {exc}") from exc
 
 
-def _feature_map_means(branch: Any) -> Any | None:
-    """The channel means of the last ``LAYER_GATE_MAPS`` activation maps of ``branch`` (a model's image path),
-    concatenated; None when it has no activation map."""
+def _feature_maps(branch: Any) -> list[Any]:
+    """The last ``LAYER_GATE_MAPS`` activation maps of ``branch``'s image path (symbolic outputs of its layers)."""
     keras = import_keras()
-    maps = [layer.output for layer in branch.layers
+    return [layer.output for layer in branch.layers
             if isinstance(layer, keras.layers.Activation) and len(layer.output.shape) == 4][-LAYER_GATE_MAPS:]
+
+
+def _feature_map_means(branch: Any) -> Any | None:
+    """The channel means of :func:`_feature_maps`, concatenated; None when ``branch`` has no activation map."""
+    keras = import_keras()
+    maps = _feature_maps(branch)
     if not maps:
         return None
     pooled = [keras.layers.GlobalAveragePooling2D(name=f"{LAYER_MEANS_OUTPUT}_{i}")(m) for i, m in enumerate(maps)]
@@ -260,11 +265,8 @@ def _feature_map_means(branch: Any) -> Any | None:
 def feature_map_sizes(model: Any) -> tuple[int, ...]:
     """The width of each activation map whose channel means :func:`forward_model` outputs (the layer gate's
     blocks): the first member's for an ensemble."""
-    keras = import_keras()
-    branch = _members(model)[0] if _members(model) else model
-    maps = [layer.output for layer in branch.layers
-            if isinstance(layer, keras.layers.Activation) and len(layer.output.shape) == 4][-LAYER_GATE_MAPS:]
-    return tuple(int(m.shape[-1]) for m in maps)
+    members = _members(model)
+    return tuple(int(m.shape[-1]) for m in _feature_maps(members[0] if members else model))
 
 
 def _members(model: Any) -> list[Any]:

@@ -106,22 +106,24 @@ def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[st
     np.testing.assert_array_equal(features["keras"], features["litert"])  # decoded the same, whatever the backend
     smooth = {name: np.array([outputs[name][i].smooth_fraction for i in good]) for name in outputs}
     np.testing.assert_array_equal(smooth["keras"], smooth["litert"])
+    means = {name: np.stack([outputs[name][i].layer_means for i in good]) for name in outputs}
     op = shipped["keras"].operating_point
     assert op.ood_gate is not None and op.ood_classifier is not None and op.feature_gate is not None
-    assert op.smooth_gate is not None
+    assert op.smooth_gate is not None and op.layer_gate is not None
     assert op.member_gate is not None  # the shipped model is a two-member ensemble
     predicted = {name: op.probabilities(np.stack([outputs[name][i].view_logits for i in good])).argmax(axis=1)
                  for name in outputs}
     np.testing.assert_array_equal(predicted["keras"], predicted["litert"])
     np.testing.assert_array_equal(
-        op.inside(embeddings["keras"], features["keras"], predicted["keras"], smooth["keras"]),
-        op.inside(embeddings["litert"], features["litert"], predicted["litert"], smooth["litert"]))
+        op.inside(embeddings["keras"], features["keras"], predicted["keras"], smooth["keras"], means["keras"]),
+        op.inside(embeddings["litert"], features["litert"], predicted["litert"], smooth["litert"], means["litert"]))
     assert np.abs(embeddings["keras"] - embeddings["litert"]).max() < 1e-3
     # the gates' scores, not only their decisions, agree far more closely than their margins
     np.testing.assert_allclose(op.ood_classifier.logit(embeddings["litert"]), op.ood_classifier.logit(
         embeddings["keras"]), atol=1e-3)
     np.testing.assert_allclose(op.member_gate.divergence(embeddings["litert"]),
                                op.member_gate.divergence(embeddings["keras"]), atol=1e-4)
+    np.testing.assert_allclose(op.layer_gate.score(means["litert"]), op.layer_gate.score(means["keras"]), atol=1e-3)
 
 
 def _patch_convolutions(model) -> int:

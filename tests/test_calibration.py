@@ -308,7 +308,8 @@ def test_layer_gate_keeps_its_quantile_and_stops_a_file_apart_in_one_map() -> No
     with pytest.raises(ValueError, match="do not split"):
         ir.LayerGate.fit(draw(labels), labels, (3, 4))
     point = ir.OperatingPoint(("a", "b"), 1.0, {True: {"a": 0, "b": 0}, False: {"a": 0, "b": 0}}, layer_gate=gate)
-    assert point.inside(np.zeros((2, 3)), None, None, None, np.vstack([probe[:1], apart[:1]]))[1] == False  # noqa: E712
+    at_class_mean_and_apart = np.vstack([centres[:1], apart[:1]])
+    assert point.inside(np.zeros((2, 3)), None, None, None, at_class_mean_and_apart).tolist() == [True, False]
     with pytest.raises(ValueError, match="layer gate"):
         point.inside(np.zeros((2, 3)), None)
 

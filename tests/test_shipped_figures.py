@@ -72,11 +72,24 @@ def test_model_card_real_validation_row() -> None:
     assert f"validation at the operating point: **{real['ece']:.3f}**" in MODEL_CARD
 
 
+# the out-of-distribution table's columns after "held out", in the card's order: evaluation.json's fields
+OOD_COLUMNS = {"abstained": "abstained_fraction", "without the layer gate": "abstained_fraction_without_layer_gate",
+               "without the smooth-area gate": "abstained_fraction_without_smooth_gate",
+               "without the member gate": "abstained_fraction_without_member_gate",
+               "without the feature gate": "abstained_fraction_without_feature_gate",
+               "embedding Mahalanobis gate only": "abstained_fraction_mahalanobis_only",
+               "thresholds only": "abstained_fraction_thresholds_only",
+               "learned gate refitted without the kind": "abstained_fraction_leave_one_kind_out"}
+
+
 def test_model_card_out_of_distribution_table() -> None:
+    assert f"| kind | held out | {' | '.join(OOD_COLUMNS)} |" in MODEL_CARD, "the table's columns changed"
     for kind, abstained in SUMMARY["ood_abstained_by_kind"].items():
-        row = re.search(rf"^\| {kind} \| [^|]+ \| ([\d.]+%) \|", MODEL_CARD, re.MULTILINE)
+        row = re.search(rf"^\| {kind} \| [^|]+ \| (.*) \|$", MODEL_CARD, re.MULTILINE)
         assert row, f"MODEL_CARD's out-of-distribution table has no row for {kind}"
-        assert row.group(1) == percent(abstained), kind
+        figures = EVALUATION["ood_by_kind"][kind]
+        assert row.group(1).split(" | ") == [percent(figures[key]) for key in OOD_COLUMNS.values()], kind
+        assert figures["abstained_fraction"] == abstained
 
 
 def test_model_card_simulated_coverage() -> None:
