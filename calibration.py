@@ -354,8 +354,9 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
                        "validation": operating_point_metrics(probs, data.labels, names, thresholds, inside)}
         if set_coverage is not None:
             sets[key] = fit_prediction_sets(probs, data.labels, data.tiebreaks, set_coverage, class_conditional_sets)
-    member_gate = fit_member_gate(service.model_path, data.embeddings, temperature, ood_quantile)
-    layer_gate = fit_layer_gate(service.model_path, data, layer_quantile) if ood_quantile else None
+    model = backends.load_keras_model(Path(service.model_path)) if ood_quantile else None  # both gates read it
+    member_gate = fit_member_gate(model, data.embeddings, temperature, ood_quantile)
+    layer_gate = fit_layer_gate(model, data, layer_quantile) if ood_quantile else None
     return {
         "format_version": 1,
         "class_names": names,
@@ -386,22 +387,22 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
     }
 
 
-def fit_member_gate(model_path: Path, embeddings: np.ndarray, temperature: float, quantile: float | None
+def fit_member_gate(model: Any, embeddings: np.ndarray, temperature: float, quantile: float | None
                     ) -> ir.MemberGate | None:
-    """The ensemble's disagreement gate at ``quantile`` of the calibration files (None for a single model)."""
+    """The ensemble's disagreement gate at ``quantile`` of the calibration files (None for a single model);
+    ``model``: the Keras model."""
     if not quantile:
         return None
-    head = backends.ensemble_head(backends.load_keras_model(Path(model_path)))
+    head = backends.ensemble_head(model)
     return ir.MemberGate.fit(embeddings, *head, temperature, quantile) if head else None
 
 
-def fit_layer_gate(model_path: Path, data: LabelledLogits, quantile: float | None) -> ir.LayerGate | None:
-    """The gate on the model's feature maps at ``quantile`` of the calibration files (None when the model outputs
-    no feature-map means)."""
+def fit_layer_gate(model: Any, data: LabelledLogits, quantile: float | None) -> ir.LayerGate | None:
+    """The gate on the Keras ``model``'s feature maps at ``quantile`` of the calibration files (None when its
+    outputs carried no feature-map means)."""
     if not quantile or data.layer_means is None:
         return None
-    sizes = backends.feature_map_sizes(backends.load_keras_model(Path(model_path)))
-    return ir.LayerGate.fit(data.layer_means, data.labels, sizes, quantile)
+    return ir.LayerGate.fit(data.layer_means, data.labels, backends.feature_map_sizes(model), quantile)
 
 
 # --------------------------------------------------------------------------- conformal prediction sets

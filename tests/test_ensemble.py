@@ -237,10 +237,10 @@ def test_member_gate_is_fitted_for_a_merged_model_only(tmp_path: Path) -> None:
     assert sizes == [96, 96] and kernel.shape == (192, 5) and bias.shape == (5,)
     assert ensemble_head(load_keras_model(single)) is None
     embeddings = np.random.default_rng(0).normal(size=(50, 192))
-    gate = calibration.fit_member_gate(merged, embeddings, 0.6, 0.95)
+    gate = calibration.fit_member_gate(load_keras_model(merged), embeddings, 0.6, 0.95)
     assert gate is not None and gate.sizes == (96, 96) and gate.temperature == 0.6
-    assert calibration.fit_member_gate(single, embeddings[:, :96], 0.6, 0.95) is None
-    assert calibration.fit_member_gate(merged, embeddings, 0.6, None) is None
+    assert calibration.fit_member_gate(load_keras_model(single), embeddings[:, :96], 0.6, 0.95) is None
+    assert calibration.fit_member_gate(load_keras_model(merged), embeddings, 0.6, None) is None
 
 
 def _moved_by_one_step(model):
