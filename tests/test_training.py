@@ -105,6 +105,21 @@ def test_a_source_of_a_few_real_files_is_not_drawn_over_and_over() -> None:
     assert mean["photos"] + mean["other"] == 500 and abs(mean["photos"] - 250) < 25
 
 
+def test_learning_rate_decays_over_every_batch_outlier_draws_included() -> None:
+    """Outlier draws add batches to each epoch; the cosine schedule must span them, or the last ones run at a
+    learning rate of zero."""
+    rng = np.random.default_rng(0)
+    labels = np.array([0] * 8 + [1] * 8 + [train.OUTLIER] * 8)
+    groups = np.array(["sim"] * 16 + ["noise"] * 8)
+    data = Dataset(rng.normal(100, 5, (len(labels), 448, 448)).astype(np.float32), labels, groups)
+    recipe = train.Recipe(epochs=2, per_class=8, batch_size=8, outlier_share=1.0, width=1)
+    model = train.train_model(data, None, ["a", "b"], recipe)  # 24 draws an epoch: 3 batches, not 16 // 8
+    optimizer = model.optimizer
+    assert int(optimizer.iterations) == 6
+    optimizer.iterations.assign(5)  # the last batch's step
+    assert float(optimizer.learning_rate) > 0
+
+
 def test_new_head_keeps_what_the_model_knew_of_classes_it_already_has() -> None:
     model = build_model(3, data_loader.N_FEATURES, image_size=32)
     rng = np.random.default_rng(0)

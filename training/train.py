@@ -441,18 +441,20 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
     if recipe.frozen_blocks is not None:
         logger.info("stems and %d separable blocks kept as they are: %d layers frozen", recipe.frozen_blocks,
                     freeze_stems(model, recipe.frozen_blocks))
-    steps_per_epoch = max(recipe.per_class * n_classes // recipe.batch_size, 1)
+    def draw() -> np.ndarray:
+        return epoch_indices(data, n_classes, recipe.per_class, recipe.real_share, rng, recipe.outlier_share,
+                             recipe.draws_per_real_file)
+
+    # the schedule spans the batches actually run: outlier draws add to the classes' (every epoch draws as many)
+    first_order = draw()
+    steps_per_epoch = max(len(first_order) // recipe.batch_size, 1)
     schedule = warmup_cosine(recipe.peak_lr, warmup_steps=steps_per_epoch, total_steps=steps_per_epoch * recipe.epochs)
     model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
                   loss=keras.losses.CategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
     bar = _progress(progress, recipe.epochs * steps_per_epoch)
     for epoch in range(recipe.epochs):
         started = time.perf_counter()
-        order = epoch_indices(data, n_classes, recipe.per_class, recipe.real_share, rng, recipe.outlier_share,
-                              recipe.draws_per_real_file)
-        if bar is not None and epoch == 0:  # outlier draws add batches to the schedule's steps
-            bar.total = recipe.epochs * (len(order) // recipe.batch_size)
-            bar.refresh()
+        order = first_order if epoch == 0 else draw()
         losses = []
         for x, y in _batches(data, order, scaler, n_classes, recipe.batch_size, rng, recipe.mixup_alpha,
                              recipe.style_strength):
