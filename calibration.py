@@ -122,7 +122,7 @@ def add_commands(commands: Any) -> None:
                           "Clopper-Pearson bound on the calibration files; 0: the point estimate)")
     cal.add_argument("--ood_quantile", "--ood-quantile", type=float, default=0.95,
                      help="quantile of the calibration files that the Mahalanobis, feature, member and smooth-area "
-                          "gates each let through (the layer gate keeps its 0.99; 0: no gates)")
+                          f"gates each let through (the layer gate keeps its {LAYER_GATE_QUANTILE}; 0: no gates)")
     cal.add_argument("--feature_neighbours", "--feature-neighbours", type=int, default=20,
                      help="calibration files the feature gate averages the distance to (0: no feature gate)")
     cal.add_argument("--set_coverage", "--set-coverage", type=float, default=0.95,

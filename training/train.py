@@ -529,7 +529,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="operating temperature to calibrate at (default: the fitted one)")
     parser.add_argument("--ood-quantile", type=float, default=0.95,
                         help="quantile of the calibration files that the Mahalanobis, feature, member and smooth-area "
-                             "gates let through; the layer gate keeps its 0.99 (MODEL_CARD.md: what it trades)")
+                             f"gates let through; the layer gate keeps its {calibration.LAYER_GATE_QUANTILE} "
+                             "(MODEL_CARD.md: what it trades)")
     parser.add_argument("--work-dir", type=Path, default=None, help="keeps the labelled directories (default: temp)")
     parser.add_argument("--skip-train", action="store_true",
                         help="keep the model and scaler in --out; only recalibrate and evaluate")

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 import backends
+import calibration
 import data_loader
 import inference_runner as ir
 from training import real_data, train
@@ -273,7 +274,7 @@ def model_card(args: argparse.Namespace, names: list[str], evaluation: dict[str,
   out-of-distribution gate at the 0.95 quantile, a learned gate against {", ".join(train.OUTLIER_KINDS)} and a
   feature gate (20 nearest calibration files; the radius of the class a file is given, for classes with 20 or
   more calibration files), a smooth-area gate (the 0.95 quantile of each class's calibration files) and a layer
-  gate on the network's feature maps (the 0.99 quantile of the calibration files).
+  gate on the network's feature maps (the {calibration.LAYER_GATE_QUANTILE} quantile of the calibration files).
 
 ## Test set (held-out objects), with TTA
 
