@@ -4,6 +4,7 @@ and ``inference-runner train`` end to end on a tiny tree of FITS, PNG and JPEG f
 from __future__ import annotations
 
 import json
+import tempfile
 from pathlib import Path
 
 import joblib
@@ -343,7 +344,7 @@ def test_training_refuses_a_gate_quantile_outside_0_1_before_any_work(quantile: 
     assert not (tmp_path / "out").exists()
 
 
-def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None:
+def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """``python -m training.train --real_dir ... --real_val_dir ...`` at toy sizes: every stage runs and the
     validation-only source is evaluated, never trained or calibrated on."""
     from training import train
@@ -373,13 +374,20 @@ def test_default_recipe_with_real_directories_end_to_end(tmp_path: Path) -> None
     assert thresholds["calibration_data"]["simulated_per_class"] == 2
     assert "photos" not in thresholds["calibration_data"]["real"], "validation-only data never calibrates"
 
-    # fine-tuning that model: it starts from its weights, keeps its scaler and is calibrated and evaluated anew
+    assert (tmp_path / "work" / "calibration").is_dir(), "--work-dir keeps the labelled directories"
+
+    # fine-tuning that model: it starts from its weights, keeps its scaler and is calibrated and evaluated anew;
+    # without --work-dir its frames go to a temporary directory that is gone afterwards
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     tuned = tmp_path / "tuned"
-    assert train.main(["--out", str(tuned), "--work-dir", str(tmp_path / "work"), "--per-class", "3",
+    assert train.main(["--out", str(tuned), "--per-class", "3",
                        "--calibration-per-class", "2", "--test-per-class", "2", "--epochs", "1",
                        "--epoch-per-class", "8", "--real_dir", str(survey), "--real_val_dir", str(photos),
                        "--init-model", str(out / train.MODEL_NAME), "--peak-lr", "1e-4", "--model-seed", "5",
                        "--ood-quantile", "0.9"]) == 0
+    assert not list(scratch.glob("astro-train-*")), "the default work directory is removed after the run"
     scalers = [joblib.load(d / train.SCALER_NAME) for d in (out, tuned)]
     np.testing.assert_array_equal(scalers[0].mean_, scalers[1].mean_)
     np.testing.assert_array_equal(scalers[0].scale_, scalers[1].scale_)

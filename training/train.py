@@ -25,8 +25,9 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -501,6 +502,79 @@ def real_splits(train_dirs: list[Path], validation_dirs: list[Path], class_names
     return files
 
 
+@contextmanager
+def work_directory(kept: Path | None) -> Iterator[Path]:
+    """Where the simulated labelled directories go: ``kept`` (--work-dir) stays after the run; the default temporary
+    one (about 3 GB of frames) is removed when the run ends, failed runs included."""
+    if kept is not None:
+        kept.mkdir(parents=True, exist_ok=True)
+        yield kept
+        return
+    with tempfile.TemporaryDirectory(prefix="astro-train-") as scratch:
+        yield Path(scratch)
+
+
+def train_calibrate_evaluate(args: argparse.Namespace, work: Path, real: list[LabelledFile],
+                             outlier_kinds: list[str], started: float) -> dict:
+    """Train (unless --skip-train), refit the head, calibrate and evaluate into ``args.out``; the evaluation."""
+    import joblib
+
+    names = list(CLASS_NAMES)
+    model_path, scaler_path = args.out / MODEL_NAME, args.out / SCALER_NAME
+    # All simulation and decoding (process pools) happens before TensorFlow starts: forking after it is unsafe.
+    calibration_dir = write_labelled_directory(work / "calibration", args.calibration_per_class, CALIBRATION_SEED)
+    test_dir = write_labelled_directory(work / "test", args.test_per_class, TEST_SEED)
+    ood_dir = write_ood_directory(work / "ood")  # evaluation kinds
+    ood_fit_dir = write_ood_directory(work / "ood_fit", seed=OOD_FIT_SEED, per_synthetic=20)  # the learned gate's
+    train_files = cap_per_source_class([f for f in real if f.split == "train"], args.max_real_per_source_class,
+                                       args.seed)
+    simulation_rows = head_refit.simulation_classes(Counter(f.label for f in train_files), names, args.head_refit_below)
+    # every class: the other classes' frames are what the refitted rows must not claim
+    head_dir = write_labelled_directory(work / "head_refit", args.calibration_per_class, HEAD_REFIT_SEED) \
+        if simulation_rows else None
+    if not args.skip_train:
+        real_train, unreadable = real_dataset(train_files, names, single_bands=True)
+        for path, cause in unreadable:
+            logger.warning("%s: unreadable, left out: %s", path, cause)
+        data = Dataset.concat([simulated_dataset(args.per_class, TRAIN_SEED), real_train])
+        # a model fine-tuned keeps the scaler it was trained with
+        scaler = (data_loader.load_scaler(args.init_model.parent / SCALER_NAME) if args.init_model
+                  else fit_scaler(raw_features(data)))
+        data = Dataset.concat([data, outlier_dataset(ood_fit_dir, outlier_kinds)])
+        logger.info("%d training planes (%d real, %d outliers) ready after %.0f s", len(data), len(real_train),
+                    int((data.labels == OUTLIER).sum()), time.perf_counter() - started)
+        recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
+                        draws_per_real_file=args.draws_per_real_file, peak_lr=args.peak_lr, width=args.width,
+                        seed=args.seed if args.model_seed is None else args.model_seed)
+        model = train_model(data, scaler, names, recipe,
+                            initial_model=load_keras_model(args.init_model) if args.init_model else None)
+        del data
+        model.save(model_path)
+        joblib.dump(scaler, scaler_path)
+    refitted = head_refit.refit_model_head(model_path, scaler_path, calibration.labelled_files(head_dir, names),
+                                           names, simulation_rows) if head_dir else None
+    real_calibration = cap_per_source_class([f for f in real if f.split == "calibration"],
+                                            max(args.max_real_per_source_class // 3, 1), args.seed)
+    thresholds_path = args.out / THRESHOLDS_NAME
+    calibrated = calibrate_to_file(model_path, scaler_path, names,
+                                   calibration.labelled_files(calibration_dir, names)
+                                   + real_data.labelled_pairs(real_calibration, names),
+                                   thresholds_path, args.temperature, 0.95,
+                                   {"simulated_per_class": args.calibration_per_class,
+                                    "real": real_data.summarise(real_calibration).get("calibration", {})},
+                                   ood_quantile=args.ood_quantile)
+    fit_set = add_ood_classifier(model_path, scaler_path, thresholds_path, calibrated, ood_fit_dir, outlier_kinds)
+    evaluation = evaluate_all(model_path, scaler_path, thresholds_path, names,
+                              simulated_test=calibration.labelled_files(test_dir, names),
+                              real_validation=[f for f in real if f.split == "validation"],
+                              ood_dir=ood_dir, output_dir=args.out / "evaluation",
+                              seen_objects={f.object_key for f in real if f.split == "train"},
+                              loko=(calibrated.embeddings, fit_set))
+    evaluation["real_data"] = real_data.summarise(real)
+    evaluation["head_refit"] = refitted
+    return evaluation
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent.parent,
@@ -556,69 +630,16 @@ def main(argv: list[str] | None = None) -> int:
     outlier_kinds = [kind.strip() for kind in args.outlier_kinds.split(",") if kind.strip()]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     data_loader.tune_malloc()
-    import joblib
-
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    names = list(CLASS_NAMES)
-    model_path, scaler_path = args.out / MODEL_NAME, args.out / SCALER_NAME
-    real = real_splits(args.real_dir, args.real_val_dir, names, args.seed)
+    real = real_splits(args.real_dir, args.real_val_dir, list(CLASS_NAMES), args.seed)
     logger.info("real files per split, source and class: %s", json.dumps(real_data.summarise(real)))
-    # All simulation and decoding (process pools) happens before TensorFlow starts: forking after it is unsafe.
-    work = Path(args.work_dir or tempfile.mkdtemp(prefix="astro-train-"))
-    calibration_dir = write_labelled_directory(work / "calibration", args.calibration_per_class, CALIBRATION_SEED)
-    test_dir = write_labelled_directory(work / "test", args.test_per_class, TEST_SEED)
-    ood_dir = write_ood_directory(work / "ood")  # evaluation kinds
-    ood_fit_dir = write_ood_directory(work / "ood_fit", seed=OOD_FIT_SEED, per_synthetic=20)  # the learned gate's
-    train_files = cap_per_source_class([f for f in real if f.split == "train"], args.max_real_per_source_class,
-                                       args.seed)
-    simulation_rows = head_refit.simulation_classes(Counter(f.label for f in train_files), names, args.head_refit_below)
-    # every class: the other classes' frames are what the refitted rows must not claim
-    head_dir = write_labelled_directory(work / "head_refit", args.calibration_per_class, HEAD_REFIT_SEED) \
-        if simulation_rows else None
-    if not args.skip_train:
-        real_train, unreadable = real_dataset(train_files, names, single_bands=True)
-        for path, cause in unreadable:
-            logger.warning("%s: unreadable, left out: %s", path, cause)
-        data = Dataset.concat([simulated_dataset(args.per_class, TRAIN_SEED), real_train])
-        # a model fine-tuned keeps the scaler it was trained with
-        scaler = (data_loader.load_scaler(args.init_model.parent / SCALER_NAME) if args.init_model
-                  else fit_scaler(raw_features(data)))
-        data = Dataset.concat([data, outlier_dataset(ood_fit_dir, outlier_kinds)])
-        logger.info("%d training planes (%d real, %d outliers) ready after %.0f s", len(data), len(real_train),
-                    int((data.labels == OUTLIER).sum()), time.perf_counter() - started)
-        recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
-                        draws_per_real_file=args.draws_per_real_file, peak_lr=args.peak_lr, width=args.width,
-                        seed=args.seed if args.model_seed is None else args.model_seed)
-        model = train_model(data, scaler, names, recipe,
-                            initial_model=load_keras_model(args.init_model) if args.init_model else None)
-        del data
-        model.save(model_path)
-        joblib.dump(scaler, scaler_path)
-    refitted = head_refit.refit_model_head(model_path, scaler_path, calibration.labelled_files(head_dir, names),
-                                           names, simulation_rows) if head_dir else None
-    real_calibration = cap_per_source_class([f for f in real if f.split == "calibration"],
-                                            max(args.max_real_per_source_class // 3, 1), args.seed)
-    thresholds_path = args.out / THRESHOLDS_NAME
-    calibrated = calibrate_to_file(model_path, scaler_path, names,
-                                   calibration.labelled_files(calibration_dir, names)
-                                   + real_data.labelled_pairs(real_calibration, names),
-                                   thresholds_path, args.temperature, 0.95,
-                                   {"simulated_per_class": args.calibration_per_class,
-                                    "real": real_data.summarise(real_calibration).get("calibration", {})},
-                                   ood_quantile=args.ood_quantile)
-    fit_set = add_ood_classifier(model_path, scaler_path, thresholds_path, calibrated, ood_fit_dir, outlier_kinds)
-    evaluation = evaluate_all(model_path, scaler_path, thresholds_path, names,
-                              simulated_test=calibration.labelled_files(test_dir, names),
-                              real_validation=[f for f in real if f.split == "validation"],
-                              ood_dir=ood_dir, output_dir=args.out / "evaluation",
-                              seen_objects={f.object_key for f in real if f.split == "train"},
-                              loko=(calibrated.embeddings, fit_set))
-    evaluation["real_data"] = real_data.summarise(real)
-    evaluation["head_refit"] = refitted
+    with work_directory(args.work_dir) as work:
+        evaluation = train_calibrate_evaluate(args, work, real, outlier_kinds, started)
     write_json(args.out / "evaluation" / "evaluation.json", evaluation)
     logger.info("done in %.0f s; evaluation in %s", time.perf_counter() - started, args.out / "evaluation")
-    print(json.dumps({"model": str(model_path), "scaler": str(scaler_path), "thresholds": str(thresholds_path),
+    print(json.dumps({"model": str(args.out / MODEL_NAME), "scaler": str(args.out / SCALER_NAME),
+                      "thresholds": str(args.out / THRESHOLDS_NAME),
                       "summary": evaluation["summary"]}, indent=1))
     return 0
 
