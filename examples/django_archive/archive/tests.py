@@ -29,6 +29,10 @@ def setUpModule() -> None:
     ARTIFACTS.update(make_tiny_artifacts(Path(tempfile.mkdtemp(prefix="tiny-model-")), litert=True))
 
 
+def tearDownModule() -> None:
+    shutil.rmtree(ARTIFACTS["model"].parent, ignore_errors=True)
+
+
 class ArchiveCommandsTest(TestCase):
     def setUp(self) -> None:
         self.scratch = Path(tempfile.mkdtemp(prefix="archive-"))
