@@ -605,7 +605,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="quantile of the calibration files that the Mahalanobis, feature, member and smooth-area "
                              f"gates let through; the layer gate keeps its {calibration.LAYER_GATE_QUANTILE} "
                              "(MODEL_CARD.md: what it trades)")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keeps the labelled directories (default: temp)")
+    parser.add_argument("--work-dir", type=Path, default=None,
+                        help="writes the simulated labelled directories there and keeps them (default: a temporary "
+                             "directory, about 3 GB, removed when the run ends)")
     parser.add_argument("--skip-train", action="store_true",
                         help="keep the model and scaler in --out; only recalibrate and evaluate")
     parser.add_argument("--outlier-kinds", default=",".join(OUTLIER_KINDS),
