@@ -46,6 +46,7 @@ class LabelledLogits:
     input_styles: list[str]  # data_loader.input_style of each file
     smooth_fractions: np.ndarray  # (N,) what the smooth-area gate measures (data_loader.smooth_fraction)
     layer_means: np.ndarray | None = None  # (N, L) the identity view's feature-map means (the layer gate's)
+    whiteness: np.ndarray | None = None  # (N,) data_loader.noise_whiteness (the feature gate's last column)
 
     def for_tta(self, tta: bool) -> np.ndarray:
         return self.view_logits if tta else self.view_logits[:, :1]
@@ -57,7 +58,7 @@ class LabelledLogits:
         """Which files every gate of ``op`` lets through, given their probabilities (the top class sets the
         radii of the gates that have one per class)."""
         return op.inside(self.embeddings_for(tta), self.features, probs.argmax(axis=1), self.smooth_fractions,
-                         self.layer_means)
+                         self.layer_means, self.whiteness)
 
 
 def labelled_files(directory: Path, class_names: Sequence[str]) -> list[tuple[Path, int]]:
@@ -79,6 +80,7 @@ def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]],
     styles: list[str] = []
     smooth: list[float] = []
     means: list[np.ndarray | None] = []
+    whiteness: list[float] = []
     for (path, label), scored in zip(files, service.iter_scored([p for p, _ in files], batch_size, tta=True)):
         if scored.view_logits is None:
             failed.append((str(path), scored.error or "unknown error"))
@@ -93,12 +95,14 @@ def collect_logits(service: ir.ClassifierService, files: list[tuple[Path, int]],
         styles.append(data_loader.input_style(scored.info or {}))
         smooth.append(scored.smooth_fraction)
         means.append(scored.layer_means)
+        whiteness.append(scored.noise_whiteness)
     if failed:
         logger.warning("%d labelled files could not be read and are left out", len(failed))
     return LabelledLogits(paths, np.stack(logits), np.stack(embeddings), np.array(labels), failed,
                           np.array(tiebreaks), np.stack(features), np.stack(identity), styles,
                           np.array(smooth, dtype=np.float64),
-                          np.stack(means) if means and all(m is not None for m in means) else None)
+                          np.stack(means) if means and all(m is not None for m in means) else None,
+                          np.array(whiteness, dtype=np.float64))
 
 
 # --------------------------------------------------------------------------- commands
@@ -324,7 +328,8 @@ def calibrate(service: ir.ClassifierService, data: LabelledLogits, temperature: 
     names = list(service.class_names)
     gate = ir.OodGate.fit(data.embeddings, data.labels, ood_quantile) if ood_quantile else None
     neighbours = min(feature_neighbours, len(data.labels) - 1)
-    feature_gate = ir.FeatureGate.fit(data.features, neighbours, ood_quantile, data.labels, len(names)) \
+    feature_gate = ir.FeatureGate.fit(data.features, neighbours, ood_quantile, data.labels, len(names),
+                                      data.whiteness) \
         if ood_quantile and neighbours > 0 else None
     smooth_gate = ir.SmoothGate.fit(data.smooth_fractions, data.labels, len(names), ood_quantile) \
         if ood_quantile else None

@@ -82,6 +82,14 @@ SOURCE_SIGMA = 5.0  # detection threshold for "sources", in robust standard devi
 # range above its bottom (the dark sky is left out) and below its top (so are saturated stars); constant blocks
 # (filled or padded areas) do not count.
 SMOOTH_BLOCK, SMOOTH_SPREAD, SMOOTH_LEVEL = 8, 0.004, 0.15
+# Noise whiteness (noise_whiteness): median |lag-1| over median |lag-4| pixel difference on the 224x224 block means,
+# ~1 for a CCD's white pixel noise, well below 1 for noise correlated over several pixels (a radio map's beam).
+# Judged only where it means that: linear files (wider than 8 bits: no JPEG, PNG or 8-bit TIFF) stored with both
+# sides at least the 224 rows of the plane it is measured on (an enlarged small image's noise is correlated by the
+# enlarging).
+WHITENESS_LAGS = (1, 4)
+WHITENESS_MIN_SIDE = IMAGE_SIZE // 2
+WHITENESS_STRIDE = 4  # differences along every 4th row and column: a median of ~25,000, in a quarter of the time
 
 FEATURE_NAMES: tuple[str, ...] = (
     "log_noise",  # log10 of the robust sigma relative to the image's range
@@ -124,6 +132,7 @@ class Sample:
     features: np.ndarray  # (N_FEATURES,) float32, scaled when a scaler was given
     info: dict[str, Any] = field(default_factory=dict)
     smooth_fraction: float = 0.0  # what the smooth-area gate measures (:func:`smooth_fraction`); not a model input
+    noise_whiteness: float = 1.0  # what the feature gate also measures (:func:`noise_whiteness`); not a model input
 
 
 # --------------------------------------------------------------------------- reading
@@ -1065,6 +1074,33 @@ def smooth_fraction(half: np.ndarray, q: dict[float, float], zoom: float = 1.0) 
     return float(np.mean(smooth))
 
 
+def _median_abs_difference(half: np.ndarray, lag: int) -> float:
+    """Median |difference| of pixels ``lag`` apart along every WHITENESS_STRIDE-th row and column together."""
+    rows, columns = half[::WHITENESS_STRIDE], half[:, ::WHITENESS_STRIDE]
+    along_rows = np.abs(rows[:, lag:] - rows[:, :-lag]).ravel()
+    along_columns = np.abs(columns[lag:] - columns[:-lag]).ravel()
+    return float(_median(np.concatenate([along_rows, along_columns])))
+
+
+def judges_whiteness(info: dict[str, Any]) -> bool:
+    """Whether a file's noise whiteness is measured: linear pixels (a stored dtype wider than 8 bits; JPEG and PNG
+    files carry none) on a plane stored with both sides at least WHITENESS_MIN_SIDE."""
+    dtype, shape = info.get("original_dtype"), info.get("original_shape")
+    if not dtype or np.dtype(dtype).itemsize == 1 or not shape or len(shape) < 2:
+        return False
+    return min(sorted(int(side) for side in shape)[-2:]) >= WHITENESS_MIN_SIDE
+
+
+def noise_whiteness(half: np.ndarray, info: dict[str, Any]) -> float:
+    """Median |lag-1| over median |lag-4| difference of the 224x224 block means (see WHITENESS_LAGS); 1.0 (white,
+    no evidence) for a file :func:`judges_whiteness` leaves out or a plane without differences. The feature gate
+    (inference_runner.FeatureGate) reads it as one more column."""
+    if not judges_whiteness(info):
+        return 1.0
+    near, far = (_median_abs_difference(half, lag) for lag in WHITENESS_LAGS)
+    return near / far if far > 0 else 1.0
+
+
 def extract_features(small: np.ndarray, percentiles: dict[float, float] | None = None) -> np.ndarray:
     """Hand-crafted features of a finite 448x448 plane (before stretch), in FEATURE_NAMES order.
 
@@ -1129,7 +1165,8 @@ def sample_from_small(small: np.ndarray, missing_fraction: float = 0.0, scaler: 
     facts = dict(info or {})
     facts["missing_fraction"] = missing_fraction
     return Sample(image=stretch(small, percentiles), features=features, info=facts,
-                  smooth_fraction=smooth_fraction(half, percentiles, _zoom(facts.get("original_shape"), small.shape)))
+                  smooth_fraction=smooth_fraction(half, percentiles, _zoom(facts.get("original_shape"), small.shape)),
+                  noise_whiteness=noise_whiteness(half, facts))
 
 
 def _zoom(original_shape: Sequence[int] | None, small_shape: tuple[int, ...]) -> float:
@@ -1154,7 +1191,8 @@ def sample_from_array(image: np.ndarray, scaler: Any | None = None, info: dict[s
     small, missing_fraction = _resize_stored(_StoredPlane(image))
     if missing_fraction >= 1.0:
         raise ValueError(NO_VALID_PIXELS)
-    return sample_from_small(small, missing_fraction, scaler, {"original_shape": list(image.shape), **(info or {})})
+    facts = {"original_shape": list(image.shape), "original_dtype": str(image.dtype), **(info or {})}
+    return sample_from_small(small, missing_fraction, scaler, facts)
 
 
 def load_small(

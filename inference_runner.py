@@ -270,35 +270,48 @@ class FeatureGate:
     typical artifact does.
     """
 
-    reference: np.ndarray  # (N, F) scaled features of the calibration files
+    reference: np.ndarray  # (N, F) scaled features of the calibration files (and their scaled whiteness)
     k: int
     max_distance: float  # the ``quantile`` of the calibration files' own (leave-one-out) distances
     quantile: float
     class_max_distance: tuple[float, ...] | None = None  # per class index: the same quantile over its own files
+    # (mean, std) of the calibration files' data_loader.noise_whiteness, which is then the reference's last column:
+    # a radio map's beam-correlated noise sets it apart from the galaxies its other features resemble
+    whiteness_scale: tuple[float, float] | None = None
 
     @classmethod
     def fit(cls, features: np.ndarray, k: int = 20, quantile: float = 0.95, labels: np.ndarray | None = None,
-            n_classes: int | None = None) -> FeatureGate:
+            n_classes: int | None = None, whiteness: np.ndarray | None = None) -> FeatureGate:
         """With ``labels`` (class index per row), a radius per class: the ``quantile`` of that class's own
-        distances, or the pooled one for a class with fewer than ``GATE_MIN_CLASS_FILES`` files."""
-        reference = np.round(np.asarray(features, dtype=np.float64), 5)  # what the JSON keeps
+        distances, or the pooled one for a class with fewer than ``GATE_MIN_CLASS_FILES`` files. With
+        ``whiteness`` (per row), that too, standardised over these files, as one more column."""
+        scale = None
+        if whiteness is not None:
+            whiteness = np.asarray(whiteness, dtype=np.float64)
+            scale = (round(float(whiteness.mean()), 6), round(max(float(whiteness.std()), 1e-6), 6))
+        reference = np.round(_with_whiteness(np.asarray(features, dtype=np.float64), whiteness, scale), 5)
         if len(reference) <= k:
             raise ValueError(f"the feature gate needs more than k={k} calibration files, got {len(reference)}")
         own = mean_neighbour_distance(reference, reference, k, skip_self=True)
         pooled = float(np.quantile(own, quantile))
         if labels is None:
-            return cls(reference, k, pooled, quantile)
+            return cls(reference, k, pooled, quantile, whiteness_scale=scale)
         labels = np.asarray(labels)
         classes = range(int(labels.max()) + 1 if n_classes is None else n_classes)
         return cls(reference, k, pooled, quantile,
-                   class_quantiles(own, labels, classes, quantile, pooled, GATE_MIN_CLASS_FILES))
+                   class_quantiles(own, labels, classes, quantile, pooled, GATE_MIN_CLASS_FILES), scale)
 
-    def distance(self, features: np.ndarray) -> np.ndarray:
-        return mean_neighbour_distance(features, self.reference, self.k)
+    def distance(self, features: np.ndarray, whiteness: np.ndarray | None = None) -> np.ndarray:
+        if self.whiteness_scale is not None and whiteness is None:
+            raise ValueError("this feature gate measures noise whiteness: pass the files' noise_whiteness")
+        return mean_neighbour_distance(_with_whiteness(features, whiteness, self.whiteness_scale), self.reference,
+                                       self.k)
 
-    def is_outside(self, features: np.ndarray, predicted: np.ndarray | None = None) -> np.ndarray:
-        """Per row of ``features``; ``predicted`` (class index per row) is needed when the radius is per class."""
-        distance = self.distance(features)
+    def is_outside(self, features: np.ndarray, predicted: np.ndarray | None = None,
+                   whiteness: np.ndarray | None = None) -> np.ndarray:
+        """Per row of ``features``; ``predicted`` (class index per row) is needed when the radius is per class,
+        ``whiteness`` (per row) when the gate measures it."""
+        distance = self.distance(features, whiteness)
         if self.class_max_distance is None:
             return distance > self.max_distance
         if predicted is None:
@@ -308,13 +321,24 @@ class FeatureGate:
     def to_json(self) -> dict[str, Any]:
         return {"kind": "knn_features", "k": self.k, "quantile": self.quantile, "max_distance": self.max_distance,
                 "class_max_distance": None if self.class_max_distance is None else list(self.class_max_distance),
+                "whiteness_scale": None if self.whiteness_scale is None else list(self.whiteness_scale),
                 "reference": self.reference.tolist()}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> FeatureGate:
-        per_class = data.get("class_max_distance")
+        per_class, scale = data.get("class_max_distance"), data.get("whiteness_scale")
         return cls(np.asarray(data["reference"], dtype=np.float64), int(data["k"]), float(data["max_distance"]),
-                   float(data["quantile"]), None if per_class is None else tuple(float(d) for d in per_class))
+                   float(data["quantile"]), None if per_class is None else tuple(float(d) for d in per_class),
+                   None if scale is None else (float(scale[0]), float(scale[1])))
+
+
+def _with_whiteness(features: np.ndarray, whiteness: np.ndarray | None,
+                    scale: tuple[float, float] | None) -> np.ndarray:
+    """The feature gate's columns: the scaled features, then the standardised whiteness when ``scale`` is set."""
+    if scale is None:
+        return features
+    column = (np.asarray(whiteness, dtype=np.float64) - scale[0]) / scale[1]
+    return np.column_stack([np.asarray(features, dtype=np.float64), column])
 
 
 def _entropy(probs: np.ndarray) -> np.ndarray:
@@ -536,6 +560,7 @@ class ScoredFile:
     identity_embedding: np.ndarray | None = None  # (E,) the untransformed view's: what the gates see without TTA
     smooth_fraction: float | None = None  # what the smooth-area gate measures (data_loader.smooth_fraction)
     layer_means: np.ndarray | None = None  # (L,) the identity view's feature-map means (what the layer gate measures)
+    noise_whiteness: float | None = None  # what the feature gate also measures (data_loader.noise_whiteness)
 
 
 @dataclass(frozen=True)
@@ -575,11 +600,11 @@ class OperatingPoint:
 
     def inside(self, embeddings: np.ndarray, features: np.ndarray | None,
                predicted: np.ndarray | None = None, smooth_fractions: np.ndarray | None = None,
-               layer_means: np.ndarray | None = None) -> np.ndarray:
+               layer_means: np.ndarray | None = None, whiteness: np.ndarray | None = None) -> np.ndarray:
         """Per file (rows of ``embeddings``, of the scaled ``features``, of ``predicted``, the top class
         index, which a feature gate with a radius per class and the smooth-area gate need, of
-        ``smooth_fractions`` and of the identity view's ``layer_means``): inside every out-of-distribution gate
-        this operating point has."""
+        ``smooth_fractions``, of the identity view's ``layer_means`` and of the noise ``whiteness``): inside every
+        out-of-distribution gate this operating point has."""
         inside = np.ones(len(embeddings), dtype=bool)
         for gate in (self.ood_gate, self.ood_classifier, self.member_gate):
             if gate is not None:
@@ -587,7 +612,7 @@ class OperatingPoint:
         if self.feature_gate is not None:
             if features is None:
                 raise ValueError("this operating point has a feature gate: pass the files' scaled features")
-            inside &= ~self.feature_gate.is_outside(features, predicted)
+            inside &= ~self.feature_gate.is_outside(features, predicted, whiteness)
         if self.smooth_gate is not None:
             if smooth_fractions is None or predicted is None:
                 raise ValueError("this operating point has a smooth-area gate: pass the files' smooth fractions "
@@ -900,9 +925,10 @@ class ClassifierService:
             tiebreak = set_tiebreak(features) if features is not None else None
             mean, identity = (views_one.mean(axis=0), views_one[0]) if views_one is not None else (None, None)
             smooth = item.sample.smooth_fraction if item.sample is not None else None
+            whiteness = item.sample.noise_whiteness if item.sample is not None else None
             yield ScoredFile(item.path, item.fingerprint, logits_one, mean, item.error, info,
                              _hdu_of(item.hdu, info), tiebreak, features, identity, smooth,
-                             None if means_one is None else means_one[0])
+                             None if means_one is None else means_one[0], whiteness)
 
     def _load_one(self, item: str | os.PathLike[str] | HduRef) -> _Loaded:
         ref = item if isinstance(item, HduRef) else None
@@ -935,7 +961,8 @@ class ClassifierService:
         if abstain:
             if not self.operating_point.inside(scored.embedding[None], scored.features[None], np.array([top]),
                                                np.array([scored.smooth_fraction]),
-                                               None if scored.layer_means is None else scored.layer_means[None])[0]:
+                                               None if scored.layer_means is None else scored.layer_means[None],
+                                               np.array([scored.noise_whiteness]))[0]:
                 reason = "out_of_distribution"
             elif score < self.operating_point.thresholds[tta][top_class]:
                 reason = "low_score"

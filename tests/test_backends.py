@@ -107,6 +107,8 @@ def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[st
     smooth = {name: np.array([outputs[name][i].smooth_fraction for i in good]) for name in outputs}
     np.testing.assert_array_equal(smooth["keras"], smooth["litert"])
     means = {name: np.stack([outputs[name][i].layer_means for i in good]) for name in outputs}
+    whiteness = {name: np.array([outputs[name][i].noise_whiteness for i in good]) for name in outputs}
+    np.testing.assert_array_equal(whiteness["keras"], whiteness["litert"])
     op = shipped["keras"].operating_point
     assert op.ood_gate is not None and op.ood_classifier is not None and op.feature_gate is not None
     assert op.smooth_gate is not None and op.layer_gate is not None
@@ -115,8 +117,10 @@ def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[st
                  for name in outputs}
     np.testing.assert_array_equal(predicted["keras"], predicted["litert"])
     np.testing.assert_array_equal(
-        op.inside(embeddings["keras"], features["keras"], predicted["keras"], smooth["keras"], means["keras"]),
-        op.inside(embeddings["litert"], features["litert"], predicted["litert"], smooth["litert"], means["litert"]))
+        op.inside(embeddings["keras"], features["keras"], predicted["keras"], smooth["keras"], means["keras"],
+                  whiteness["keras"]),
+        op.inside(embeddings["litert"], features["litert"], predicted["litert"], smooth["litert"], means["litert"],
+                  whiteness["litert"]))
     assert np.abs(embeddings["keras"] - embeddings["litert"]).max() < 1e-3
     # the gates' scores, not only their decisions, agree far more closely than their margins
     np.testing.assert_allclose(op.ood_classifier.logit(embeddings["litert"]), op.ood_classifier.logit(

@@ -252,6 +252,27 @@ def test_feature_gate_radius_per_class_is_each_class_own_quantile() -> None:
     assert point.inside(np.zeros((2, 3)), np.vstack([near_class_0] * 2), np.array([0, 1])).tolist() == [False, True]
 
 
+def test_feature_gate_with_whiteness_turns_away_correlated_noise_among_look_alike_features() -> None:
+    rng = np.random.default_rng(11)
+    features, labels = rng.normal(0, 1, (400, 3)), np.repeat([0, 1], 200)
+    whiteness = np.clip(rng.normal(0.9, 0.08, 400), None, 1.0)  # calibration files: white noise or not judged
+    gate = ir.FeatureGate.fit(features, k=10, quantile=0.95, labels=labels, n_classes=2, whiteness=whiteness)
+    assert gate.reference.shape == (400, 4) and gate.whiteness_scale is not None
+    typical = np.zeros((2, 3))  # features any galaxy could have; the second file's noise follows a beam
+    assert gate.is_outside(typical, np.array([0, 0]), np.array([0.95, 0.25])).tolist() == [False, True]
+    with pytest.raises(ValueError, match="noise_whiteness"):
+        gate.is_outside(typical, np.array([0, 0]))
+    restored = ir.FeatureGate.from_json(json.loads(json.dumps(gate.to_json())))
+    assert restored.whiteness_scale == gate.whiteness_scale
+    assert restored.is_outside(typical, np.array([0, 0]), np.array([0.95, 0.25])).tolist() == [False, True]
+    legacy = ir.FeatureGate.fit(features, k=10).to_json()
+    del legacy["whiteness_scale"]  # a thresholds file written before the gate measured whiteness
+    assert ir.FeatureGate.from_json(legacy).whiteness_scale is None
+    point = ir.OperatingPoint(("a", "b"), 1.0, {True: {"a": 0, "b": 0}, False: {"a": 0, "b": 0}}, feature_gate=gate)
+    assert point.inside(np.zeros((2, 3)), typical, np.array([0, 0]), whiteness=np.array([0.95, 0.25])).tolist() \
+        == [True, False]
+
+
 def test_operating_point_with_a_feature_gate_needs_features() -> None:
     rng = np.random.default_rng(5)
     gate = ir.FeatureGate.fit(rng.normal(0, 1, (100, 4)), k=5, quantile=0.9)
@@ -473,7 +494,11 @@ def test_calibrate_and_evaluate_commands_end_to_end(tiny_artifacts: dict[str, Pa
     assert document["ood_gate"]["kind"] == "mahalanobis_embedding"
     feature_gate = document["feature_gate"]  # 20 files: k falls to 19, and its quantile is the gate's
     assert feature_gate["kind"] == "knn_features" and feature_gate["k"] == 19 and feature_gate["quantile"] == 0.95
-    assert np.asarray(feature_gate["reference"]).shape == (20, ir.data_loader.N_FEATURES)
+    # the scaled features and the files' standardised noise whiteness
+    assert np.asarray(feature_gate["reference"]).shape == (20, ir.data_loader.N_FEATURES + 1)
+    whiteness = np.array([ir.data_loader.load_sample(path).noise_whiteness for path, _ in
+                          calibration.labelled_files(labelled, CLASS_NAMES) if path.name != "broken.fits"])
+    assert feature_gate["whiteness_scale"] == pytest.approx([whiteness.mean(), max(whiteness.std(), 1e-6)], abs=1e-6)
     smooth_gate = document["smooth_gate"]  # each class's 0.95 quantile of its own files' smooth fractions
     readable = [(path, label) for path, label in calibration.labelled_files(labelled, CLASS_NAMES)
                 if path.name != "broken.fits"]

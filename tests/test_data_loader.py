@@ -549,6 +549,34 @@ def test_smooth_fraction_sees_a_photograph_not_a_sky_image() -> None:
     assert _smooth_fraction(np.where(photograph > 150.0, photograph, 0.0)) == 0.0
 
 
+def test_noise_whiteness_tells_beam_correlated_noise_from_white_noise_on_linear_pixels() -> None:
+    from scipy import ndimage
+
+    noise = np.random.default_rng(9).normal(1000.0, 10.0, (512, 512)).astype(np.float32)
+    beam = ndimage.gaussian_filter(noise, 4.0)  # a radio map's noise: correlated over its beam
+    assert dl.sample_from_array(noise).noise_whiteness > 0.9
+    assert dl.sample_from_array(beam).noise_whiteness < 0.5
+    for view in (beam[::-1], np.rot90(beam), np.rot90(beam, 2)):  # sampled rows differ, the statistic does not
+        assert dl.sample_from_array(np.ascontiguousarray(view)).noise_whiteness == pytest.approx(
+            dl.sample_from_array(beam).noise_whiteness, rel=0.05)
+    # not judged (1.0, white): 8-bit pixels, and a plane smaller than the one it is measured on (enlarged)
+    assert dl.sample_from_array(np.clip(beam - 900.0, 0, 255).astype(np.uint8)).noise_whiteness == 1.0
+    assert dl.sample_from_array(beam[:200, :200]).noise_whiteness == 1.0
+
+
+def test_noise_whiteness_is_judged_on_linear_files_only(tmp_path: Path) -> None:
+    from PIL import Image
+    from scipy import ndimage
+
+    beam = ndimage.gaussian_filter(np.random.default_rng(10).normal(0.0, 1.0, (300, 300)), 4.0) * 1000.0 + 5000.0
+    fits.PrimaryHDU(beam.astype(np.float32)).writeto(tmp_path / "radio.fits")
+    tifffile.imwrite(tmp_path / "radio.tif", beam.astype(np.uint16))
+    Image.fromarray(np.clip(beam - 4900.0, 0, 255).astype(np.uint8)).save(tmp_path / "radio.png")
+    assert dl.load_sample(tmp_path / "radio.fits").noise_whiteness < 0.5
+    assert dl.load_sample(tmp_path / "radio.tif").noise_whiteness < 0.5
+    assert dl.load_sample(tmp_path / "radio.png").noise_whiteness == 1.0  # a display image: not judged
+
+
 def test_smooth_fraction_leaves_out_saturated_plateaus_and_is_invariant_to_views() -> None:
     sky = np.random.default_rng(8).normal(1000.0, 10.0, (512, 512)).astype(np.float32)
     sky[100:220, 300:420] = 65535.0  # a saturated star's flat top: no smooth area of a photograph

@@ -78,7 +78,8 @@ def _subset(data: calibration.LabelledLogits, rows: np.ndarray) -> calibration.L
                                       data.labels[rows], [], data.tiebreaks[rows], data.features[rows],
                                       data.identity_embeddings[rows], [data.input_styles[i] for i in rows],
                                       data.smooth_fractions[rows],
-                                      None if data.layer_means is None else data.layer_means[rows])
+                                      None if data.layer_means is None else data.layer_means[rows],
+                                      None if data.whiteness is None else data.whiteness[rows])
 
 
 def _brief(service: ir.ClassifierService, data: calibration.LabelledLogits, temperature: float,
