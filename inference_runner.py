@@ -284,9 +284,11 @@ class FeatureGate:
             n_classes: int | None = None, whiteness: np.ndarray | None = None) -> FeatureGate:
         """With ``labels`` (class index per row), a radius per class: the ``quantile`` of that class's own
         distances, or the pooled one for a class with fewer than ``GATE_MIN_CLASS_FILES`` files. With
-        ``whiteness`` (per row), that too, standardised over these files, as one more column."""
+        ``whiteness`` (per row), that too, standardised over these files, as one more column, when at least
+        ``GATE_MIN_CLASS_FILES`` of them were judged (data_loader gives 1.0 to a file it does not judge): a calibration
+        set of 8-bit images alone has no spread to scale by, and a linear file would lie at any distance from it."""
         scale = None
-        if whiteness is not None:
+        if whiteness is not None and np.count_nonzero(np.asarray(whiteness) != 1.0) >= GATE_MIN_CLASS_FILES:
             whiteness = np.asarray(whiteness, dtype=np.float64)
             scale = (round(float(whiteness.mean()), 6), round(max(float(whiteness.std()), 1e-6), 6))
         reference = np.round(_with_whiteness(np.asarray(features, dtype=np.float64), whiteness, scale), 5)

@@ -112,6 +112,7 @@ def test_litert_decides_what_keras_decides_on_the_shipped_model(shipped: dict[st
     op = shipped["keras"].operating_point
     assert op.ood_gate is not None and op.ood_classifier is not None and op.feature_gate is not None
     assert op.smooth_gate is not None and op.layer_gate is not None
+    assert op.feature_gate.whiteness_scale is not None  # the shipped feature gate measures noise whiteness
     assert op.member_gate is not None  # the shipped model is a two-member ensemble
     predicted = {name: op.probabilities(np.stack([outputs[name][i].view_logits for i in good])).argmax(axis=1)
                  for name in outputs}
