@@ -90,6 +90,7 @@ SMOOTH_BLOCK, SMOOTH_SPREAD, SMOOTH_LEVEL = 8, 0.004, 0.15
 WHITENESS_LAGS = (1, 4)
 WHITENESS_MIN_SIDE = IMAGE_SIZE // 2
 WHITENESS_STRIDE = 4  # differences along every 4th row and column: a median of ~25,000, in a quarter of the time
+WHITENESS_MIN_DIFFERENCES = 1000  # fewer non-zero differences (a mostly constant plane): not judged
 
 FEATURE_NAMES: tuple[str, ...] = (
     "log_noise",  # log10 of the robust sigma relative to the image's range
@@ -1074,12 +1075,16 @@ def smooth_fraction(half: np.ndarray, q: dict[float, float], zoom: float = 1.0) 
     return float(np.mean(smooth))
 
 
-def _median_abs_difference(half: np.ndarray, lag: int) -> float:
-    """Median |difference| of pixels ``lag`` apart along every WHITENESS_STRIDE-th row and column together."""
+def _median_abs_difference(half: np.ndarray, lag: int) -> float | None:
+    """Median |difference| of pixels ``lag`` apart along every WHITENESS_STRIDE-th row and column together, leaving
+    out zero differences: constant areas (missing pixels filled, a padded border, a saturated plateau) hold no noise,
+    and a frame half filled would otherwise read as correlated. None when fewer than WHITENESS_MIN_DIFFERENCES
+    remain."""
     rows, columns = half[::WHITENESS_STRIDE], half[:, ::WHITENESS_STRIDE]
-    along_rows = np.abs(rows[:, lag:] - rows[:, :-lag]).ravel()
-    along_columns = np.abs(columns[lag:] - columns[:-lag]).ravel()
-    return float(_median(np.concatenate([along_rows, along_columns])))
+    differences = np.abs(np.concatenate([(rows[:, lag:] - rows[:, :-lag]).ravel(),
+                                         (columns[lag:] - columns[:-lag]).ravel()]))
+    differences = differences[differences > 0]
+    return float(_median(differences)) if differences.size >= WHITENESS_MIN_DIFFERENCES else None
 
 
 def judges_whiteness(info: dict[str, Any]) -> bool:
@@ -1093,12 +1098,12 @@ def judges_whiteness(info: dict[str, Any]) -> bool:
 
 def noise_whiteness(half: np.ndarray, info: dict[str, Any]) -> float:
     """Median |lag-1| over median |lag-4| difference of the 224x224 block means (see WHITENESS_LAGS); 1.0 (white,
-    no evidence) for a file :func:`judges_whiteness` leaves out or a plane without differences. The feature gate
+    no evidence) for a file :func:`judges_whiteness` leaves out or a plane too constant to measure. The feature gate
     (inference_runner.FeatureGate) reads it as one more column."""
     if not judges_whiteness(info):
         return 1.0
     near, far = (_median_abs_difference(half, lag) for lag in WHITENESS_LAGS)
-    return near / far if far > 0 else 1.0
+    return near / far if near is not None and far is not None else 1.0
 
 
 def extract_features(small: np.ndarray, percentiles: dict[float, float] | None = None) -> np.ndarray:

@@ -559,6 +559,11 @@ def test_noise_whiteness_tells_beam_correlated_noise_from_white_noise_on_linear_
     for view in (beam[::-1], np.rot90(beam), np.rot90(beam, 2)):  # sampled rows differ, the statistic does not
         assert dl.sample_from_array(np.ascontiguousarray(view)).noise_whiteness == pytest.approx(
             dl.sample_from_array(beam).noise_whiteness, rel=0.05)
+    half_missing = noise.copy()  # a mosaic's blank half, filled with one value: its zero differences hold no noise
+    half_missing[:, :256] = np.nan
+    assert dl.sample_from_array(half_missing).noise_whiteness > 0.9
+    half_missing[:, :500] = np.nan  # too little left to measure: not judged
+    assert dl.sample_from_array(half_missing).noise_whiteness == 1.0
     # not judged (1.0, white): 8-bit pixels, and a plane smaller than the one it is measured on (enlarged)
     assert dl.sample_from_array(np.clip(beam - 900.0, 0, 255).astype(np.uint8)).noise_whiteness == 1.0
     assert dl.sample_from_array(beam[:200, :200]).noise_whiteness == 1.0
