@@ -275,7 +275,8 @@ def model_card(args: argparse.Namespace, names: list[str], evaluation: dict[str,
   feature gate (20 nearest calibration files, on the features and, when 20 or more calibration files are linear
   FITS or TIFF of at least 224 pixels a side, their noise whiteness; the radius of the class a file is given, for
   classes with 20 or more calibration files), a smooth-area gate (the 0.95 quantile of each class's calibration
-  files) and a layer gate on the network's feature maps (the {calibration.LAYER_GATE_QUANTILE} quantile of the calibration files).
+  files) and a layer gate on the network's feature maps (the {calibration.LAYER_GATE_QUANTILE} quantile of the
+  calibration files).
 
 ## Test set (held-out objects), with TTA
 
