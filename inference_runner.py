@@ -288,8 +288,8 @@ class FeatureGate:
         ``GATE_MIN_CLASS_FILES`` of them were judged (data_loader gives 1.0 to a file it does not judge): a calibration
         set of 8-bit images alone has no spread to scale by, and a linear file would lie at any distance from it."""
         scale = None
-        if whiteness is not None and np.count_nonzero(np.asarray(whiteness) != 1.0) >= GATE_MIN_CLASS_FILES:
-            whiteness = np.asarray(whiteness, dtype=np.float64)
+        whiteness = None if whiteness is None else np.asarray(whiteness, dtype=np.float64)
+        if whiteness is not None and np.count_nonzero(whiteness != 1.0) >= GATE_MIN_CLASS_FILES:
             scale = (round(float(whiteness.mean()), 6), round(max(float(whiteness.std()), 1e-6), 6))
         reference = np.round(_with_whiteness(np.asarray(features, dtype=np.float64), whiteness, scale), 5)
         if len(reference) <= k:
