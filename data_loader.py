@@ -1090,10 +1090,10 @@ def _median_abs_difference(half: np.ndarray, lag: int) -> float | None:
 def judges_whiteness(info: dict[str, Any]) -> bool:
     """Whether a file's noise whiteness is measured: linear pixels (a stored dtype wider than 8 bits; JPEG and PNG
     files carry none) on a plane stored with both sides at least WHITENESS_MIN_SIDE."""
-    dtype, shape = info.get("original_dtype"), info.get("original_shape")
-    if not dtype or np.dtype(dtype).itemsize == 1 or not shape or len(shape) < 2:
+    dtype, sides = info.get("original_dtype"), _plane_sides(info.get("original_shape"))
+    if not dtype or np.dtype(dtype).itemsize == 1 or sides is None:
         return False
-    return min(sorted(int(side) for side in shape)[-2:]) >= WHITENESS_MIN_SIDE
+    return min(sides) >= WHITENESS_MIN_SIDE
 
 
 def noise_whiteness(half: np.ndarray, info: dict[str, Any]) -> float:
@@ -1174,15 +1174,21 @@ def sample_from_small(small: np.ndarray, missing_fraction: float = 0.0, scaler: 
                   noise_whiteness=noise_whiteness(half, facts))
 
 
-def _zoom(original_shape: Sequence[int] | None, small_shape: tuple[int, ...]) -> float:
-    """Stored pixels per small-image pixel along a side (the geometric mean of the two; 1 when not known).
-
-    The plane's sides are the two largest of ``original_shape`` (a colour TIFF's or a FITS cube's third axis is
-    the shorter one)."""
+def _plane_sides(original_shape: Sequence[int] | None) -> tuple[int, int] | None:
+    """The stored plane's two sides: the two largest of ``original_shape`` (a colour TIFF's or a FITS cube's third
+    axis is the shorter one); None when not known."""
     if not original_shape or len(original_shape) < 2:
+        return None
+    rows, cols = sorted(int(side) for side in original_shape)[-2:]
+    return rows, cols
+
+
+def _zoom(original_shape: Sequence[int] | None, small_shape: tuple[int, ...]) -> float:
+    """Stored pixels per small-image pixel along a side (the geometric mean of the two; 1 when not known)."""
+    sides = _plane_sides(original_shape)
+    if sides is None:
         return 1.0
-    rows, cols = sorted(original_shape)[-2:]
-    return max(1.0, float(np.sqrt(rows * cols / (small_shape[0] * small_shape[1]))))
+    return max(1.0, float(np.sqrt(sides[0] * sides[1] / (small_shape[0] * small_shape[1]))))
 
 
 def sample_from_array(image: np.ndarray, scaler: Any | None = None, info: dict[str, Any] | None = None) -> Sample:
