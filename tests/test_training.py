@@ -121,6 +121,71 @@ def test_learning_rate_decays_over_every_batch_outlier_draws_included() -> None:
     assert float(optimizer.learning_rate) > 0
 
 
+
+def _small_inputs(n: int, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {"image": rng.random((n, size, size, 1), dtype=np.float32),
+            "features": rng.normal(size=(n, data_loader.N_FEATURES)).astype(np.float32)}
+
+
+def test_distillation_gives_real_planes_the_teachers_softmax_and_keeps_the_other_targets() -> None:
+    teacher = build_model(3, data_loader.N_FEATURES, image_size=32)
+    is_real = np.array([True, False, True, False, False])
+    distiller = train.Distiller(teacher, is_real, embedding_weight=0.0)
+    inputs, idx = _small_inputs(4), np.array([0, 1, 2, 4])  # dataset samples 0 and 2 are real
+    labels = np.eye(3, dtype=np.float32)[[0, 1, 2, 0]]
+    targets = distiller.soft_targets(inputs, labels, idx)
+    logits = np.asarray(teacher.predict(inputs, verbose=0), dtype=np.float64)
+    softmax = np.exp(logits - logits.max(axis=1, keepdims=True))
+    softmax /= softmax.sum(axis=1, keepdims=True)
+    np.testing.assert_allclose(targets[[0, 2]], softmax[[0, 2]], rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(targets[[1, 3]], labels[[1, 3]])
+    assert not np.allclose(targets[0], labels[0]), "a real plane's label is replaced"
+
+
+def test_embedding_term_is_zero_at_the_teacher_and_weighted_by_the_real_share() -> None:
+    import keras
+
+    from backends import embedding_tensor
+
+    teacher = build_model(3, data_loader.N_FEATURES, image_size=32)
+    distiller = train.Distiller(teacher, np.ones(4, bool), embedding_weight=2.0)
+    inputs, share = _small_inputs(4), np.array([1.0, 0.5, 0.0, 1.0], np.float32)
+    y_true = distiller.embedding_targets(inputs, share)
+    embedding = np.asarray(keras.Model(teacher.inputs, embedding_tensor(teacher)).predict(inputs, verbose=0))
+    assert y_true.shape == (4, embedding.shape[1] + 1)
+    np.testing.assert_allclose(y_true[:, -1], 2.0 * share / np.mean(np.square(embedding)), rtol=1e-5)
+    at_teacher = np.asarray(train.weighted_embedding_error(y_true, embedding))
+    np.testing.assert_allclose(at_teacher, 0.0, atol=1e-6)
+    moved = np.asarray(train.weighted_embedding_error(y_true, embedding + 1.0))
+    np.testing.assert_allclose(moved, y_true[:, -1], rtol=1e-5)  # squared error 1 everywhere, times the weight
+    assert moved[2] == 0.0, "a simulated input is not held"
+
+
+def test_distilled_fine_tuning_trains_and_needs_a_teacher() -> None:
+    rng = np.random.default_rng(0)
+    labels = np.array([0, 1] * 8)
+    groups = np.array(["sim"] * 8 + ["survey"] * 8)
+    data = Dataset(rng.normal(100, 5, (len(labels), 448, 448)).astype(np.float32), labels, groups)
+    model = build_model(2, data_loader.N_FEATURES, width=1)
+    teacher = build_model(2, data_loader.N_FEATURES, width=1)
+    teacher.set_weights(model.get_weights())
+    before = [w.copy() for w in model.get_weights()]
+    recipe = train.Recipe(epochs=1, per_class=8, batch_size=8, width=1, distill=1.0)
+    tuned = train.train_model(data, None, ["a", "b"], recipe, initial_model=model, teacher=teacher)
+    assert tuned is model
+    assert any(not np.allclose(a, b) for a, b in zip(before, model.get_weights())), "the student's weights moved"
+    assert all(np.allclose(a, b) for a, b in zip(before, teacher.get_weights())), "the teacher's did not"
+    with pytest.raises(ValueError, match="teacher"):
+        train.train_model(data, None, ["a", "b"], recipe, initial_model=model)
+
+
+def test_distill_real_needs_the_model_it_fine_tunes(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--distill-real", "1", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+
+
 def test_new_head_keeps_what_the_model_knew_of_classes_it_already_has() -> None:
     model = build_model(3, data_loader.N_FEATURES, image_size=32)
     rng = np.random.default_rng(0)

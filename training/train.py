@@ -30,12 +30,14 @@ from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 import calibration
 import data_loader
 from backends import ArtifactError, embedding_tensor, final_layer, import_keras, load_keras_model, require_full_install
+from inference_runner import calibrated_probs
 from training import head_refit, real_data
 from training.augment import single_band, style_augment
 from training.evaluation import add_ood_classifier, calibrate_to_file, evaluate_all, write_json
@@ -352,31 +354,80 @@ def augmented_inputs(smalls: np.ndarray, scaler, rng: np.random.Generator, style
     return rand_augment(np.stack(images), rng), data_loader.apply_scaler(np.stack(features), scaler)
 
 
+class Distiller:
+    """Holds a teacher's outputs on the real training planes while a fine-tuning learns the simulated frames
+    ("learning without forgetting", Li and Hoiem 2016; MODEL_CARD.md, "Fine-tunings that keep the shipped model's
+    outputs on real files"): a real plane's target is the teacher's softmax on the same augmented input instead of its
+    label, and with ``embedding_weight`` > 0 the student's embedding is held to the teacher's on each mixed input, in
+    proportion to the input's real share."""
+
+    def __init__(self, teacher, is_real: np.ndarray, embedding_weight: float) -> None:
+        keras = import_keras()
+        self.teacher = keras.Model(teacher.inputs, [teacher.output, embedding_tensor(teacher)])
+        self.is_real = is_real  # per sample of the Dataset
+        self.embedding_weight = embedding_weight
+        self.mean_square: float | None = None  # of the teacher's embedding (first batch): the term's scale
+
+    def soft_targets(self, inputs: dict[str, np.ndarray], targets: np.ndarray, idx: np.ndarray) -> np.ndarray:
+        """``targets`` with the rows of real planes replaced by the teacher's softmax on their inputs."""
+        real = self.is_real[idx]
+        if not real.any():
+            return targets
+        logits, _ = self.teacher.predict_on_batch({name: value[real] for name, value in inputs.items()})
+        targets = targets.copy()
+        targets[real] = calibrated_probs(np.asarray(logits)[:, None, :], 1.0)
+        return targets
+
+    def embedding_targets(self, inputs: dict[str, np.ndarray], real_share: np.ndarray) -> np.ndarray:
+        """The teacher's embedding of each input and, as a last column, the weight of the student's squared error."""
+        _, embedding = self.teacher.predict_on_batch(inputs)
+        embedding = np.asarray(embedding, dtype=np.float32)
+        if self.mean_square is None:
+            self.mean_square = float(np.mean(np.square(embedding))) or 1.0
+        weight = self.embedding_weight * real_share / self.mean_square
+        return np.concatenate([embedding, weight[:, None]], axis=1).astype(np.float32)
+
+
+def weighted_embedding_error(y_true, y_pred):
+    """Mean squared difference from the target embedding (``y_true`` but its last column), times that column."""
+    ops = import_keras().ops
+    return y_true[:, -1] * ops.mean(ops.square(y_pred - y_true[:, :-1]), axis=-1)
+
+
 def _batch(data: Dataset, idx: np.ndarray, scaler, n_classes: int, seed: int, mixup_alpha: float,
-           style_strength: float) -> tuple[dict[str, np.ndarray], np.ndarray]:
+           style_strength: float, distiller: Distiller | None = None) -> tuple[dict[str, np.ndarray], Any]:
     rng = np.random.default_rng(seed)
     images, features = augmented_inputs(data.smalls[idx], scaler, rng, style_strength)
     images = images[..., None]
     # outlier exposure: a non-astronomical image's target is "no class", the uniform distribution
     targets = np.vstack([np.eye(n_classes, dtype=np.float32), np.full((1, n_classes), 1.0 / n_classes,
                                                                       dtype=np.float32)])[data.labels[idx]]
+    real_share = np.zeros(len(idx), np.float32)
+    if distiller is not None:
+        targets = distiller.soft_targets({"image": images, "features": features}, targets, idx)
+        real_share = distiller.is_real[idx].astype(np.float32)
     if mixup_alpha > 0:
         lam = rng.beta(mixup_alpha, mixup_alpha, size=(len(idx), 1)).astype(np.float32)
         perm = rng.permutation(len(idx))
         images = lam[:, :, None, None] * images + (1 - lam[:, :, None, None]) * images[perm]
         features = lam * features + (1 - lam) * features[perm]
         targets = lam * targets + (1 - lam) * targets[perm]
-    return {"image": images, "features": features}, targets
+        real_share = lam[:, 0] * real_share + (1 - lam[:, 0]) * real_share[perm]
+    inputs = {"image": images, "features": features}
+    if distiller is not None and distiller.embedding_weight > 0:
+        return inputs, [targets, distiller.embedding_targets(inputs, real_share)]
+    return inputs, targets
 
 
 def _batches(data: Dataset, order: np.ndarray, scaler, n_classes: int, batch_size: int, rng: np.random.Generator,
-             mixup_alpha: float, style_strength: float):
+             mixup_alpha: float, style_strength: float, distiller: Distiller | None = None):
     """The epoch's batches, the next one prepared in a thread while the model trains on this one."""
     jobs = iter([(order[start:start + batch_size], int(seed)) for start, seed in
                  zip(range(0, len(order) - batch_size + 1, batch_size), rng.integers(2**63, size=len(order)))])
     with ThreadPoolExecutor(1, thread_name_prefix="augment") as pool:
         def submit(job: tuple[np.ndarray, int]):
-            return pool.submit(_batch, data, job[0], scaler, n_classes, job[1], mixup_alpha, style_strength)
+            return pool.submit(_batch, data, job[0], scaler, n_classes, job[1], mixup_alpha, style_strength,
+                               distiller)
 
         pending = [submit(job) for job in itertools.islice(jobs, 1)]
         while pending:
@@ -427,11 +478,15 @@ class Recipe:
     # fine-tuning: None trains every layer; 0 keeps each network's stem (first convolution, batch norm) as it is, and
     # n > 0 its first n separable blocks too
     frozen_blocks: int | None = None
+    # fine-tuning: None trains real planes on their labels; w >= 0 on the teacher's outputs instead (Distiller), w
+    # weighting the embedding term (0: the softmax alone)
+    distill: float | None = None
 
 
 def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, initial_model=None,
-                progress: bool = False):
-    """Train (or fine-tune ``initial_model``) with style augmentation, mixup and warmup-then-cosine decay."""
+                progress: bool = False, teacher=None):
+    """Train (or fine-tune ``initial_model``) with style augmentation, mixup and warmup-then-cosine decay; with
+    ``recipe.distill``, real planes learn ``teacher``'s outputs (:class:`Distiller`)."""
     keras = import_keras()
 
     keras.utils.set_random_seed(recipe.seed)
@@ -442,6 +497,15 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
     if recipe.frozen_blocks is not None:
         logger.info("stems and %d separable blocks kept as they are: %d layers frozen", recipe.frozen_blocks,
                     freeze_stems(model, recipe.frozen_blocks))
+    distiller = None
+    if recipe.distill is not None:
+        if teacher is None:
+            raise ValueError("distillation needs a teacher model")
+        distiller = Distiller(teacher, (data.groups != "sim") & (data.labels != OUTLIER), recipe.distill)
+    # the embedding term needs the embedding as a second output; the layers (and so the weights) are the model's
+    trained = keras.Model(model.inputs, [model.output, embedding_tensor(model)]) \
+        if distiller is not None and recipe.distill > 0 else model
+
     def draw() -> np.ndarray:
         return epoch_indices(data, n_classes, recipe.per_class, recipe.real_share, rng, recipe.outlier_share,
                              recipe.draws_per_real_file)
@@ -450,21 +514,23 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
     first_order = draw()
     steps_per_epoch = max(len(first_order) // recipe.batch_size, 1)
     schedule = warmup_cosine(recipe.peak_lr, warmup_steps=steps_per_epoch, total_steps=steps_per_epoch * recipe.epochs)
-    model.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
-                  loss=keras.losses.CategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    class_loss = keras.losses.CategoricalCrossentropy(from_logits=True)
+    trained.compile(optimizer=keras.optimizers.AdamW(schedule, weight_decay=1e-4),
+                    loss=class_loss if trained is model else [class_loss, weighted_embedding_error],
+                    metrics=["accuracy"] if trained is model else None)
     bar = _progress(progress, recipe.epochs * steps_per_epoch)
     for epoch in range(recipe.epochs):
         started = time.perf_counter()
         order = first_order if epoch == 0 else draw()
         losses = []
         for x, y in _batches(data, order, scaler, n_classes, recipe.batch_size, rng, recipe.mixup_alpha,
-                             recipe.style_strength):
-            losses.append(model.train_on_batch(x, y, return_dict=True))
+                             recipe.style_strength, distiller):
+            losses.append(trained.train_on_batch(x, y, return_dict=True))
             if bar is not None:
                 bar.update(1)
-        logger.info("epoch %d/%d loss %.4f acc %.3f (%.0f s)", epoch + 1, recipe.epochs,
-                    float(np.mean([m["loss"] for m in losses])), float(losses[-1]["accuracy"]),
-                    time.perf_counter() - started)
+        accuracy = f" acc {float(losses[-1]['accuracy']):.3f}" if "accuracy" in losses[-1] else ""
+        logger.info("epoch %d/%d loss %.4f%s (%.0f s)", epoch + 1, recipe.epochs,
+                    float(np.mean([m["loss"] for m in losses])), accuracy, time.perf_counter() - started)
     if bar is not None:
         bar.close()
     return model
@@ -545,9 +611,10 @@ def train_calibrate_evaluate(args: argparse.Namespace, work: Path, real: list[La
                     int((data.labels == OUTLIER).sum()), time.perf_counter() - started)
         recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
                         draws_per_real_file=args.draws_per_real_file, peak_lr=args.peak_lr, width=args.width,
-                        seed=args.seed if args.model_seed is None else args.model_seed)
+                        seed=args.seed if args.model_seed is None else args.model_seed, distill=args.distill_real)
         model = train_model(data, scaler, names, recipe,
-                            initial_model=load_keras_model(args.init_model) if args.init_model else None)
+                            initial_model=load_keras_model(args.init_model) if args.init_model else None,
+                            teacher=load_keras_model(args.init_model) if args.distill_real is not None else None)
         del data
         model.save(model_path)
         joblib.dump(scaler, scaler_path)
@@ -599,6 +666,10 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"fine-tune this model (a merged ensemble too), with the {SCALER_NAME} beside it, instead "
                              "of training one from scratch")
     parser.add_argument("--peak-lr", type=float, default=Recipe.peak_lr, help="learning rate after warmup")
+    parser.add_argument("--distill-real", type=float, default=None, metavar="W",
+                        help="with --init-model: real training planes learn that model's outputs instead of their "
+                             "labels, and W (0 for none) weights holding its embedding (MODEL_CARD.md: measured, "
+                             "not shipped)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="operating temperature to calibrate at (default: the fitted one)")
     parser.add_argument("--ood-quantile", type=float, default=0.95,
@@ -624,6 +695,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 0 < args.ood_quantile < 1:
         parser.error(f"--ood-quantile must be in (0, 1), got {args.ood_quantile}")
+    if args.distill_real is not None and (args.init_model is None or args.distill_real < 0):
+        parser.error("--distill-real needs --init-model (the teacher) and a weight >= 0")
     try:
         require_full_install("training")
     except ArtifactError as exc:
