@@ -354,6 +354,11 @@ def augmented_inputs(smalls: np.ndarray, scaler, rng: np.random.Generator, style
     return rand_augment(np.stack(images), rng), data_loader.apply_scaler(np.stack(features), scaler)
 
 
+def with_embedding_output(model):
+    """``model`` (the same layers and weights) with its embedding as a second output."""
+    return import_keras().Model(model.inputs, [model.output, embedding_tensor(model)])
+
+
 class Distiller:
     """Holds a teacher's outputs on the real training planes while a fine-tuning learns the simulated frames
     ("learning without forgetting", Li and Hoiem 2016; MODEL_CARD.md, "Fine-tunings that keep the shipped model's
@@ -362,8 +367,7 @@ class Distiller:
     proportion to the input's real share."""
 
     def __init__(self, teacher, is_real: np.ndarray, embedding_weight: float) -> None:
-        keras = import_keras()
-        self.teacher = keras.Model(teacher.inputs, [teacher.output, embedding_tensor(teacher)])
+        self.teacher = with_embedding_output(teacher)
         self.is_real = is_real  # per sample of the Dataset
         self.embedding_weight = embedding_weight
         self.mean_square: float | None = None  # of the teacher's embedding (first batch): the term's scale
@@ -502,9 +506,8 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
         if teacher is None:
             raise ValueError("distillation needs a teacher model")
         distiller = Distiller(teacher, (data.groups != "sim") & (data.labels != OUTLIER), recipe.distill)
-    # the embedding term needs the embedding as a second output; the layers (and so the weights) are the model's
-    trained = keras.Model(model.inputs, [model.output, embedding_tensor(model)]) \
-        if distiller is not None and recipe.distill > 0 else model
+    # the embedding term trains the model through a view of it that also outputs its embedding
+    trained = with_embedding_output(model) if distiller is not None and recipe.distill > 0 else model
 
     def draw() -> np.ndarray:
         return epoch_indices(data, n_classes, recipe.per_class, recipe.real_share, rng, recipe.outlier_share,
