@@ -121,7 +121,6 @@ def test_learning_rate_decays_over_every_batch_outlier_draws_included() -> None:
     assert float(optimizer.learning_rate) > 0
 
 
-
 def _small_inputs(n: int, size: int = 32, seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {"image": rng.random((n, size, size, 1), dtype=np.float32),
@@ -144,15 +143,11 @@ def test_distillation_gives_real_planes_the_teachers_softmax_and_keeps_the_other
 
 
 def test_embedding_term_is_zero_at_the_teacher_and_weighted_by_the_real_share() -> None:
-    import keras
-
-    from backends import embedding_tensor
-
     teacher = build_model(3, data_loader.N_FEATURES, image_size=32)
     distiller = train.Distiller(teacher, np.ones(4, bool), embedding_weight=2.0)
     inputs, share = _small_inputs(4), np.array([1.0, 0.5, 0.0, 1.0], np.float32)
     y_true = distiller.embedding_targets(inputs, share)
-    embedding = np.asarray(keras.Model(teacher.inputs, embedding_tensor(teacher)).predict(inputs, verbose=0))
+    embedding = np.asarray(train.with_embedding_output(teacher).predict(inputs, verbose=0)[1])
     assert y_true.shape == (4, embedding.shape[1] + 1)
     np.testing.assert_allclose(y_true[:, -1], 2.0 * share / np.mean(np.square(embedding)), rtol=1e-5)
     at_teacher = np.asarray(train.weighted_embedding_error(y_true, embedding))
