@@ -28,7 +28,7 @@ from backends import (
     tta_view_count,
 )
 from training.ensemble import main, merge, remerge
-from training.train import MODEL_NAME, SCALER_NAME, build_model, freeze_stems
+from training.train import MODEL_NAME, SCALER_NAME, build_model, freeze_stems, set_batch_norm_trainable
 
 
 def _member(seed: int, n_classes: int = 5):
@@ -270,6 +270,19 @@ def test_freeze_stems_keeps_each_members_stem_and_trains_the_rest() -> None:
         assert not any(moved(layer) for layer in stem_and_norm)  # kernel and batch-norm statistics alike
         assert moved(sepconvs[0]) and moved(sepconvs[-1])
     assert moved(final_layer(merged))
+
+
+def test_batch_norms_of_every_member_are_frozen() -> None:
+    merged = merge([_member(0), _member(1)])
+    assert set_batch_norm_trainable(merged, False) == 12  # six per member
+    assert not any(moved_layer for moved_layer in map(_moved_by_one_step(merged), _batch_norms(merged)))
+
+
+def _batch_norms(model) -> list:
+    import keras
+
+    return [layer for member in model.layers if hasattr(member, "layers") for layer in member.layers
+            if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def test_freeze_stems_with_a_block_keeps_the_first_separable_block_too() -> None:

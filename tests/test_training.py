@@ -175,6 +175,29 @@ def test_distilled_fine_tuning_trains_and_needs_a_teacher() -> None:
         train.train_model(data, None, ["a", "b"], recipe, initial_model=model)
 
 
+def test_fine_tuning_with_batch_norm_frozen_keeps_its_statistics_and_trains_the_rest() -> None:
+    rng = np.random.default_rng(1)
+    labels = np.array([0, 1] * 8)
+    data = Dataset(rng.normal(100, 5, (len(labels), 448, 448)).astype(np.float32), labels, np.array(["sim"] * 16))
+    model = build_model(2, data_loader.N_FEATURES, width=1)
+    norms = [layer for layer in model.layers if layer.__class__.__name__ == "BatchNormalization"]
+    def statistics_now() -> list[np.ndarray]:
+        return [w.numpy() for layer in norms for w in layer.non_trainable_weights]
+
+    statistics = statistics_now()
+    kernels = [w.copy() for w in model.get_layer("logits").get_weights()]
+    recipe = train.Recipe(epochs=1, per_class=8, batch_size=8, width=1, freeze_batch_norm=True)
+    train.train_model(data, None, ["a", "b"], recipe, initial_model=model)
+    assert len(norms) == 6
+    assert all(np.array_equal(a, b) for a, b in zip(statistics, statistics_now())), "moving statistics kept"
+    assert any(not np.allclose(a, b) for a, b in zip(kernels, model.get_layer("logits").get_weights()))
+    assert all(layer.trainable for layer in norms), "trainable again once trained, for a later fine-tuning"
+
+    train.train_model(data, None, ["a", "b"], train.Recipe(epochs=1, per_class=8, batch_size=8, width=1),
+                      initial_model=model)
+    assert any(not np.array_equal(a, b) for a, b in zip(statistics, statistics_now())), "without it they move"
+
+
 def test_distill_real_needs_the_model_it_fine_tunes(tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
         train.main(["--distill-real", "1", "--out", str(tmp_path)])

@@ -253,6 +253,22 @@ def freeze_stems(model, blocks: int = 0) -> int:
     return frozen
 
 
+def set_batch_norm_trainable(model, trainable: bool) -> int:
+    """Set ``trainable`` on every BatchNormalization layer, nested networks' included; returns how many.
+
+    Keras runs a batch norm that is not trainable in inference mode: it normalises by its moving statistics and
+    leaves them as they are, so a fine-tuning trains the function the model is served with."""
+    keras = import_keras()
+    count = 0
+    for layer in model.layers:
+        if hasattr(layer, "layers"):
+            count += set_batch_norm_trainable(layer, trainable)
+        elif isinstance(layer, keras.layers.BatchNormalization):
+            layer.trainable = trainable
+            count += 1
+    return count
+
+
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int):
     """Linear warmup to ``peak`` then cosine decay to zero."""
     keras = import_keras()
@@ -485,6 +501,8 @@ class Recipe:
     # fine-tuning: None trains real planes on their labels; w >= 0 on the teacher's outputs instead (Distiller), w
     # weighting the embedding term (0: the softmax alone)
     distill: float | None = None
+    # fine-tuning: keep every batch norm in inference mode with its moving statistics (set_batch_norm_trainable)
+    freeze_batch_norm: bool = False
 
 
 def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, initial_model=None,
@@ -501,6 +519,8 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
     if recipe.frozen_blocks is not None:
         logger.info("stems and %d separable blocks kept as they are: %d layers frozen", recipe.frozen_blocks,
                     freeze_stems(model, recipe.frozen_blocks))
+    if recipe.freeze_batch_norm:
+        logger.info("%d batch norms kept in inference mode", set_batch_norm_trainable(model, False))
     distiller = None
     if recipe.distill is not None:
         if teacher is None:
@@ -536,6 +556,8 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
                     float(np.mean([m["loss"] for m in losses])), accuracy, time.perf_counter() - started)
     if bar is not None:
         bar.close()
+    if recipe.freeze_batch_norm:  # the saved model trains as usual if fine-tuned again
+        set_batch_norm_trainable(model, True)
     return model
 
 
@@ -614,7 +636,8 @@ def train_calibrate_evaluate(args: argparse.Namespace, work: Path, real: list[La
                     int((data.labels == OUTLIER).sum()), time.perf_counter() - started)
         recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
                         draws_per_real_file=args.draws_per_real_file, peak_lr=args.peak_lr, width=args.width,
-                        seed=args.seed if args.model_seed is None else args.model_seed, distill=args.distill_real)
+                        seed=args.seed if args.model_seed is None else args.model_seed, distill=args.distill_real,
+                        freeze_batch_norm=args.freeze_batch_norm)
         model = train_model(data, scaler, names, recipe,
                             initial_model=load_keras_model(args.init_model) if args.init_model else None,
                             teacher=load_keras_model(args.init_model) if args.distill_real is not None else None)
@@ -673,6 +696,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --init-model: real training planes learn that model's outputs instead of their "
                              "labels, and W (0 for none) weights holding its embedding (MODEL_CARD.md: measured, "
                              "not shipped)")
+    parser.add_argument("--freeze-batch-norm", action="store_true",
+                        help="with --init-model: keep every batch norm in inference mode, its moving statistics as "
+                             "they are (MODEL_CARD.md: measured, not shipped)")
     parser.add_argument("--temperature", type=float, default=None,
                         help="operating temperature to calibrate at (default: the fitted one)")
     parser.add_argument("--ood-quantile", type=float, default=0.95,
@@ -700,6 +726,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ood-quantile must be in (0, 1), got {args.ood_quantile}")
     if args.distill_real is not None and (args.init_model is None or args.distill_real < 0):
         parser.error("--distill-real needs --init-model (the teacher) and a weight >= 0")
+    if args.freeze_batch_norm and args.init_model is None:
+        parser.error("--freeze-batch-norm needs --init-model (a model built from scratch has no statistics to keep)")
     try:
         require_full_install("training")
     except ArtifactError as exc:
