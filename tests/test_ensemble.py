@@ -275,7 +275,8 @@ def test_freeze_stems_keeps_each_members_stem_and_trains_the_rest() -> None:
 def test_batch_norms_of_every_member_are_frozen() -> None:
     merged = merge([_member(0), _member(1)])
     assert set_batch_norm_trainable(merged, False) == 12  # six per member
-    assert not any(moved_layer for moved_layer in map(_moved_by_one_step(merged), _batch_norms(merged)))
+    moved = _moved_by_one_step(merged)
+    assert not any(moved(layer) for layer in _batch_norms(merged)), "statistics, scale and offset alike"
 
 
 def _batch_norms(model) -> list:

@@ -181,6 +181,7 @@ def test_fine_tuning_with_batch_norm_frozen_keeps_its_statistics_and_trains_the_
     data = Dataset(rng.normal(100, 5, (len(labels), 448, 448)).astype(np.float32), labels, np.array(["sim"] * 16))
     model = build_model(2, data_loader.N_FEATURES, width=1)
     norms = [layer for layer in model.layers if layer.__class__.__name__ == "BatchNormalization"]
+
     def statistics_now() -> list[np.ndarray]:
         return [w.numpy() for layer in norms for w in layer.non_trainable_weights]
 
@@ -198,9 +199,10 @@ def test_fine_tuning_with_batch_norm_frozen_keeps_its_statistics_and_trains_the_
     assert any(not np.array_equal(a, b) for a, b in zip(statistics, statistics_now())), "without it they move"
 
 
-def test_distill_real_needs_the_model_it_fine_tunes(tmp_path: Path) -> None:
+@pytest.mark.parametrize("option", [["--distill-real", "1"], ["--freeze-batch-norm"]])
+def test_fine_tuning_options_need_the_model_they_fine_tune(tmp_path: Path, option: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--distill-real", "1", "--out", str(tmp_path)])
+        train.main([*option, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
 
 
