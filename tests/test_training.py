@@ -175,6 +175,17 @@ def test_distilled_fine_tuning_trains_and_needs_a_teacher() -> None:
         train.train_model(data, None, ["a", "b"], recipe, initial_model=model)
 
 
+def test_planes_shown_as_served_get_a_dihedral_view_and_nothing_else() -> None:
+    smalls = data_loader.resize_finite(render_frame("galaxy", 3))[0][None].repeat(4, axis=0)
+    served = data_loader.sample_from_small(smalls[0])
+    as_served = np.array([True, True, False, False])
+    images, features = train.augmented_inputs(smalls, None, np.random.default_rng(0), 1.0, as_served)
+    views = [np.rot90(served.image, k)[:, ::flip] for k in range(4) for flip in (1, -1)]
+    for image, expected in zip(images, as_served):
+        assert any(np.allclose(image, view) for view in views) == expected
+    np.testing.assert_allclose(features[as_served], np.stack([served.features] * 2), rtol=1e-6)
+
+
 def test_fine_tuning_with_batch_norm_frozen_keeps_its_statistics_and_trains_the_rest() -> None:
     rng = np.random.default_rng(1)
     labels = np.array([0, 1] * 8)
@@ -199,7 +210,8 @@ def test_fine_tuning_with_batch_norm_frozen_keeps_its_statistics_and_trains_the_
     assert any(not np.array_equal(a, b) for a, b in zip(statistics, statistics_now())), "without it they move"
 
 
-@pytest.mark.parametrize("option", [["--distill-real", "1"], ["--freeze-batch-norm"]])
+@pytest.mark.parametrize("option", [["--distill-real", "1"], ["--freeze-batch-norm"],
+                                    ["--distill-as-served", "0.5"]])
 def test_fine_tuning_options_need_the_model_they_fine_tune(tmp_path: Path, option: list[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         train.main([*option, "--out", str(tmp_path)])

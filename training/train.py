@@ -281,13 +281,18 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int):
     )
 
 
-def rand_augment(images: np.ndarray, rng: np.random.Generator, magnitude: float = 0.5) -> np.ndarray:
-    """RandAugment-style: a random dihedral view plus two random photometric/geometric ops per image."""
+def rand_augment(images: np.ndarray, rng: np.random.Generator, magnitude: float = 0.5,
+                 views_only: np.ndarray | None = None) -> np.ndarray:
+    """RandAugment-style: a random dihedral view plus two random photometric/geometric ops per image (the view
+    alone where ``views_only`` is true)."""
     out = np.empty(images.shape, dtype=np.float32)
     for i, image in enumerate(images.astype(np.float32)):
         image = np.rot90(image, int(rng.integers(4)))
         if rng.random() < 0.5:
             image = image[:, ::-1]
+        if views_only is not None and views_only[i]:
+            out[i] = image
+            continue
         for op in rng.choice(6, size=2, replace=False):
             image = _AUGMENT_OPS[op](image, rng, magnitude)
         out[i] = np.clip(image, 0.0, 1.0)
@@ -359,15 +364,19 @@ def epoch_indices(data: Dataset, n_classes: int, per_class: int, real_share: flo
     return rng.permutation(np.concatenate(picks)) if picks else np.empty(0, int)
 
 
-def augmented_inputs(smalls: np.ndarray, scaler, rng: np.random.Generator, style_strength: float
-                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Style-augment planes, preprocess them as production does, then the RandAugment view ops on the images."""
+def augmented_inputs(smalls: np.ndarray, scaler, rng: np.random.Generator, style_strength: float,
+                     as_served: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Style-augment planes, preprocess them as production does, then the RandAugment view ops on the images; a
+    plane marked in ``as_served`` only gets a dihedral view (what test-time augmentation shows the model)."""
+    as_served = np.zeros(len(smalls), bool) if as_served is None else as_served
     images, features = [], []
-    for small in smalls:
-        sample = data_loader.sample_from_small(style_augment(small, rng, style_strength) if style_strength else small)
+    for small, served in zip(smalls, as_served):
+        styled = style_strength and not served
+        sample = data_loader.sample_from_small(style_augment(small, rng, style_strength) if styled else small)
         images.append(sample.image)
         features.append(sample.features)
-    return rand_augment(np.stack(images), rng), data_loader.apply_scaler(np.stack(features), scaler)
+    return (rand_augment(np.stack(images), rng, views_only=as_served),
+            data_loader.apply_scaler(np.stack(features), scaler))
 
 
 def with_embedding_output(model):
@@ -382,10 +391,13 @@ class Distiller:
     label, and with ``embedding_weight`` > 0 the student's embedding is held to the teacher's on each mixed input, in
     proportion to the input's real share."""
 
-    def __init__(self, teacher, is_real: np.ndarray, embedding_weight: float) -> None:
+    def __init__(self, teacher, is_real: np.ndarray, embedding_weight: float, as_served_share: float = 0.0) -> None:
         self.teacher = with_embedding_output(teacher)
         self.is_real = is_real  # per sample of the Dataset
         self.embedding_weight = embedding_weight
+        # of the real planes, the share shown as served (no style or photometric augmentation): the view the
+        # teacher's behaviour is to be kept on
+        self.as_served_share = as_served_share
         self.mean_square: float | None = None  # of the teacher's embedding (first batch): the term's scale
 
     def soft_targets(self, inputs: dict[str, np.ndarray], targets: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -417,7 +429,10 @@ def weighted_embedding_error(y_true, y_pred):
 def _batch(data: Dataset, idx: np.ndarray, scaler, n_classes: int, seed: int, mixup_alpha: float,
            style_strength: float, distiller: Distiller | None = None) -> tuple[dict[str, np.ndarray], Any]:
     rng = np.random.default_rng(seed)
-    images, features = augmented_inputs(data.smalls[idx], scaler, rng, style_strength)
+    as_served = None
+    if distiller is not None and distiller.as_served_share > 0:
+        as_served = distiller.is_real[idx] & (rng.random(len(idx)) < distiller.as_served_share)
+    images, features = augmented_inputs(data.smalls[idx], scaler, rng, style_strength, as_served)
     images = images[..., None]
     # outlier exposure: a non-astronomical image's target is "no class", the uniform distribution
     targets = np.vstack([np.eye(n_classes, dtype=np.float32), np.full((1, n_classes), 1.0 / n_classes,
@@ -501,6 +516,8 @@ class Recipe:
     # fine-tuning: None trains real planes on their labels; w >= 0 on the teacher's outputs instead (Distiller), w
     # weighting the embedding term (0: the softmax alone)
     distill: float | None = None
+    # with distill: the share of real planes distilled as served (Distiller.as_served_share)
+    distill_as_served: float = 0.0
     # fine-tuning: keep every batch norm in inference mode with its moving statistics (set_batch_norm_trainable)
     freeze_batch_norm: bool = False
 
@@ -525,7 +542,8 @@ def train_model(data: Dataset, scaler, class_names: list[str], recipe: Recipe, i
     if recipe.distill is not None:
         if teacher is None:
             raise ValueError("distillation needs a teacher model")
-        distiller = Distiller(teacher, (data.groups != "sim") & (data.labels != OUTLIER), recipe.distill)
+        distiller = Distiller(teacher, (data.groups != "sim") & (data.labels != OUTLIER), recipe.distill,
+                              recipe.distill_as_served)
     # the embedding term trains the model through a view of it that also outputs its embedding
     trained = with_embedding_output(model) if distiller is not None and recipe.distill > 0 else model
 
@@ -637,7 +655,7 @@ def train_calibrate_evaluate(args: argparse.Namespace, work: Path, real: list[La
         recipe = Recipe(epochs=args.epochs, per_class=args.epoch_per_class, real_share=args.real_share,
                         draws_per_real_file=args.draws_per_real_file, peak_lr=args.peak_lr, width=args.width,
                         seed=args.seed if args.model_seed is None else args.model_seed, distill=args.distill_real,
-                        freeze_batch_norm=args.freeze_batch_norm)
+                        freeze_batch_norm=args.freeze_batch_norm, distill_as_served=args.distill_as_served)
         model = train_model(data, scaler, names, recipe,
                             initial_model=load_keras_model(args.init_model) if args.init_model else None,
                             teacher=load_keras_model(args.init_model) if args.distill_real is not None else None)
@@ -696,6 +714,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="with --init-model: real training planes learn that model's outputs instead of their "
                              "labels, and W (0 for none) weights holding its embedding (MODEL_CARD.md: measured, "
                              "not shipped)")
+    parser.add_argument("--distill-as-served", type=float, default=0.0, metavar="SHARE",
+                        help="with --distill-real: this share of the real planes is shown as served (a dihedral view, "
+                             "no style or photometric augmentation) (MODEL_CARD.md: measured, not shipped)")
     parser.add_argument("--freeze-batch-norm", action="store_true",
                         help="with --init-model: keep every batch norm in inference mode, its moving statistics as "
                              "they are (MODEL_CARD.md: measured, not shipped)")
@@ -726,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--ood-quantile must be in (0, 1), got {args.ood_quantile}")
     if args.distill_real is not None and (args.init_model is None or args.distill_real < 0):
         parser.error("--distill-real needs --init-model (the teacher) and a weight >= 0")
+    if not 0 <= args.distill_as_served <= 1 or (args.distill_as_served and args.distill_real is None):
+        parser.error("--distill-as-served needs --distill-real and a share in [0, 1]")
     if args.freeze_batch_norm and args.init_model is None:
         parser.error("--freeze-batch-norm needs --init-model (a model built from scratch has no statistics to keep)")
     try:
